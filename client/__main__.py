@@ -1,0 +1,88 @@
+"""Command line: python -m client generate --prompt "a red circle" --out outputs/circle.png"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .api import GenerationError, Request, SmartDiffusionClient
+
+
+def _save(pixels, out: Path, fps: int) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if pixels.ndim == 3:
+        from PIL import Image
+
+        Image.fromarray(pixels).save(out)
+        return
+    import imageio.v2 as imageio  # video [F, H, W, 3]: .mp4 via the ffmpeg binary of imageio-ffmpeg, or .gif
+
+    if out.suffix.lower() == ".gif":
+        imageio.mimsave(out, list(pixels), duration=1000 / fps, loop=0)
+    else:
+        imageio.mimsave(out, list(pixels), fps=fps, codec="libx264", macro_block_size=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate an image (or a video with --num-frames)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--num-frames", type=int, help="video models only")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--cache-ratio", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--url", help="host:port (default 127.0.0.1:8000 for http, :8001 for grpc)")
+    gen.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    gen.add_argument("--model-prefix", default="", help="pipeline prefix when a server serves several")
+    gen.add_argument("--stream", action="store_true", help="stream per-step progress")
+    gen.add_argument("--fps", type=int, default=16)
+    gen.add_argument("--out", type=Path, required=True, help=".png for images; .mp4 or .gif for videos")
+    args = parser.parse_args(argv)
+
+    url = args.url or ("127.0.0.1:8000" if args.protocol == "http" else "127.0.0.1:8001")
+    request = Request(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        cache_ratio=args.cache_ratio,
+        seed=args.seed,
+    )
+    output = "VIDEO" if args.num_frames is not None else "IMAGE"
+    with SmartDiffusionClient(url, args.protocol, model_prefix=args.model_prefix) as client:
+        try:
+            if args.stream:
+                from tqdm import tqdm
+
+                bar = None
+
+                def on_progress(step: int, total: int) -> None:
+                    nonlocal bar
+                    bar = bar or tqdm(total=total, desc="denoising", unit="step")
+                    bar.update(step - bar.n)
+
+                result = client.stream(request, on_progress, output=output)
+                if bar is not None:
+                    bar.close()
+            else:
+                result = client.infer(request, output=output)
+        except GenerationError as exc:
+            print(f"error ({exc.status}): {exc}", file=sys.stderr)
+            return 1
+    _save(result.pixels, args.out, args.fps)
+    print(json.dumps({"out": str(args.out), "shape": list(result.pixels.shape), **result.stats}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""A small client for Smart-Diffusion servers (tritonclient HTTP / gRPC, plain or streaming).
+
+    from client import SmartDiffusionClient
+    with SmartDiffusionClient("127.0.0.1:8000") as c:
+        result = c.generate("a red circle", seed=1)
+    result.image  # uint8 [H, W, 3]; result.stats: per-stage milliseconds, seed used, ...
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import queue
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class GenerationError(RuntimeError):
+    """The server refused or failed the request; `status` is the HTTP status / gRPC code name."""
+
+    def __init__(self, message: str, status: str | int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class GenerationResult:
+    pixels: np.ndarray  # uint8 [H, W, 3] for images, [F, H, W, 3] for videos
+    stats: dict[str, Any]
+    progress: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def image(self) -> np.ndarray:
+        return self.pixels
+
+
+@dataclass(frozen=True)
+class Request:
+    """User params; None means "the model's default" (the tensor is not sent)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    cache_ratio: float | None = None
+    seed: int | None = None
+
+    def tensors(self) -> dict[str, tuple[np.ndarray, str]]:
+        """Triton input name -> (array, Triton dtype), for the fields that are set."""
+        spec = {
+            "PROMPT": (self.prompt, np.object_, "BYTES"),
+            "NEGATIVE_PROMPT": (self.negative_prompt, np.object_, "BYTES"),
+            "HEIGHT": (self.height, np.int32, "INT32"),
+            "WIDTH": (self.width, np.int32, "INT32"),
+            "NUM_FRAMES": (self.num_frames, np.int32, "INT32"),
+            "STEPS": (self.steps, np.int32, "INT32"),
+            "GUIDANCE_SCALE": (self.guidance_scale, np.float32, "FP32"),
+            "CACHE_RATIO": (self.cache_ratio, np.float32, "FP32"),
+            "SEED": (self.seed, np.int64, "INT64"),
+        }
+        out = {}
+        for name, (value, dtype, triton_dtype) in spec.items():
+            if value is None:
+                continue
+            if dtype is np.object_:
+                value = value.encode("utf-8")
+            out[name] = (np.array([value], dtype=dtype), triton_dtype)
+        return out
+
+    def json_inputs(self) -> dict[str, Any]:
+        """The same fields for HTTP generate_stream (JSON scalars)."""
+        return {name: (arr[0].decode() if arr.dtype == np.object_ else arr[0].item()) for name, (arr, _) in self.tensors().items()}
+
+
+class SmartDiffusionClient:
+    """`url` is host:port of the HTTP (protocol="http") or gRPC (protocol="grpc") endpoint."""
+
+    def __init__(self, url: str = "127.0.0.1:8000", protocol: str = "http", model_prefix: str = "", timeout_s: float = 600.0):
+        if protocol not in ("http", "grpc"):
+            raise ValueError(f"protocol={protocol!r}; allowed: http, grpc")
+        self.url, self.protocol, self.prefix, self.timeout_s = url, protocol, model_prefix, timeout_s
+        if protocol == "http":
+            import tritonclient.http as module
+
+            self._client = module.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        else:
+            import tritonclient.grpc as module
+
+            self._client = module.InferenceServerClient(url)
+        self._module = module
+
+    def model_name(self, base: str) -> str:
+        return f"{self.prefix}{base}"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "SmartDiffusionClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self._client.is_server_ready())
+        except Exception:  # noqa: BLE001 - not reachable yet is "not ready"
+            return False
+
+    def _inputs(self, request: Request) -> list:
+        inputs = []
+        for name, (array, dtype) in request.tensors().items():
+            tensor = self._module.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        return inputs
+
+    def infer(self, request: Request, model: str = "smart_diffusion", output: str = "IMAGE") -> GenerationResult:
+        """Plain request/response (the BLS orchestrator or the ensemble)."""
+        outputs = [self._module.InferRequestedOutput(output), self._module.InferRequestedOutput("STATS")]
+        try:
+            kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+            result = self._client.infer(self.model_name(model), self._inputs(request), outputs=outputs, **kwargs)
+        except Exception as exc:  # tritonclient raises InferenceServerException
+            raise _generation_error(exc) from None
+        return GenerationResult(result.as_numpy(output), json.loads(result.as_numpy("STATS")[0]))
+
+    def stream(
+        self, request: Request, on_progress: ProgressCallback | None = None, model: str = "smart_diffusion_stream", output: str = "IMAGE"
+    ) -> GenerationResult:
+        """Streaming generation: progress after every step, then the result."""
+        if self.protocol == "grpc":
+            return self._stream_grpc(request, on_progress, model, output)
+        return self._stream_http(request, on_progress, model, output)
+
+    def generate(self, prompt: str, *, stream: bool = False, on_progress: ProgressCallback | None = None, **params) -> GenerationResult:
+        request = Request(prompt=prompt, **params)
+        output = "VIDEO" if request.num_frames is not None else "IMAGE"
+        if stream:
+            return self.stream(request, on_progress, output=output)
+        return self.infer(request, output=output)
+
+    def _stream_grpc(self, request, on_progress, model, output) -> GenerationResult:
+        responses: queue.Queue = queue.Queue()
+        self._client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        progress: list[tuple[int, int]] = []
+        try:
+            self._client.async_stream_infer(self.model_name(model), self._inputs(request))
+            while True:
+                result, error = responses.get(timeout=self.timeout_s)
+                if error is not None:
+                    raise _generation_error(error)
+                pixels = result.as_numpy(output)
+                if pixels is not None:
+                    return GenerationResult(pixels, json.loads(result.as_numpy("STATS")[0]), progress)
+                update = (int(result.as_numpy("STEP")[0]), int(result.as_numpy("TOTAL_STEPS")[0]))
+                progress.append(update)
+                if on_progress:
+                    on_progress(*update)
+        finally:
+            self._client.stop_stream(cancel_requests=True)
+
+    def _stream_http(self, request, on_progress, model, output) -> GenerationResult:
+        host, _, port = self.url.rpartition(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=self.timeout_s)
+        progress: list[tuple[int, int]] = []
+        try:
+            connection.request(
+                "POST",
+                f"/v2/models/{self.model_name(model)}/generate_stream",
+                body=json.dumps(request.json_inputs()),
+                headers={"Content-Type": "application/json"},
+            )
+            reply = connection.getresponse()
+            if reply.status != 200:
+                body = reply.read().decode(errors="replace")
+                raise GenerationError(_json_error(body), reply.status)
+            for raw in reply:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[len("data:"):])
+                if "error" in event:
+                    raise GenerationError(event["error"], 400 if "INVALID_ARG" in event["error"] else None)
+                if output in event:
+                    pixels = np.asarray(event[output], dtype=np.uint8)
+                    stats = event["STATS"]
+                    stats = json.loads(stats[0] if isinstance(stats, list) else stats)
+                    return GenerationResult(pixels, stats, progress)
+                update = (int(_scalar(event["STEP"])), int(_scalar(event["TOTAL_STEPS"])))
+                progress.append(update)
+                if on_progress:
+                    on_progress(*update)
+            raise GenerationError("stream ended without a final response")
+        finally:
+            connection.close()
+
+
+def _scalar(value: Any) -> Any:
+    return value[0] if isinstance(value, list) else value
+
+
+def _json_error(body: str) -> str:
+    try:
+        return json.loads(body).get("error", body)
+    except ValueError:
+        return body
+
+
+def _generation_error(exc: Any) -> GenerationError:
+    status = exc.status() if hasattr(exc, "status") and callable(exc.status) else None
+    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
+    return GenerationError(message, status)

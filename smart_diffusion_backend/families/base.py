@@ -1,0 +1,90 @@
+"""The seam between the service and a model family.
+
+A family (Flux, Wan, ...) provides three stages that can be loaded and called on their own, each in
+its own Triton model (or worker process):
+
+    TextEncoderStage.encode(prompt, negative_prompt)   -> Embeddings
+    DenoiserStage.denoise(embeddings, user_params)      -> latents  (unpacked, VAE-space, unscaled)
+    DecoderStage.decode(latents)                        -> uint8 image [H, W, 3] / video [F, H, W, 3]
+
+Embeddings and latents are the wire format between stages: float32 across process boundaries
+(bf16 -> fp32 -> bf16 is lossless), the stage's own dtype inside it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..params import ModelParams, SystemParams, UserParams
+from ..progress import DenoiseCancelled  # noqa: F401  (re-exported: step callbacks raise it)
+
+# Called after each denoising step with (steps_done, total_steps); raising stops the loop.
+StepCallback = Callable[[int, int], None]
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(system: SystemParams) -> torch.dtype:
+    return _TORCH_DTYPES[system.dtype]
+
+
+def torch_device(system: SystemParams) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if system.device == "cuda" else torch.device("cpu")
+
+
+@dataclass
+class Embeddings:
+    """Text conditioning. Batch row 0 is the prompt; row 1, when present, the negative prompt (CFG)."""
+
+    prompt_embeds: torch.Tensor  # [B, S, D]
+    pooled_prompt_embeds: torch.Tensor  # [B, P]; P = 0 for families without a pooled embedding
+
+    @property
+    def has_negative(self) -> bool:
+        return self.prompt_embeds.shape[0] == 2
+
+    def validate(self) -> None:
+        if self.prompt_embeds.ndim != 3 or self.prompt_embeds.shape[0] not in (1, 2):
+            raise ValueError(f"PROMPT_EMBEDS: expected shape [1 or 2, seq, dim], got {list(self.prompt_embeds.shape)}")
+        if self.pooled_prompt_embeds.ndim != 2 or self.pooled_prompt_embeds.shape[0] != self.prompt_embeds.shape[0]:
+            raise ValueError(
+                f"POOLED_PROMPT_EMBEDS: expected shape [{self.prompt_embeds.shape[0]}, dim], "
+                f"got {list(self.pooled_prompt_embeds.shape)}"
+            )
+
+
+class Stage(ABC):
+    def __init__(self, model: ModelParams, system: SystemParams):
+        self.model = model
+        self.system = system
+        self.device = torch_device(system)
+        self.dtype = torch_dtype(system)
+
+
+class TextEncoderStage(Stage):
+    @abstractmethod
+    def encode(self, prompt: str, negative_prompt: str | None) -> Embeddings: ...
+
+
+class DenoiserStage(Stage):
+    @abstractmethod
+    def denoise(
+        self, embeddings: Embeddings, params: UserParams, on_step: StepCallback | None = None
+    ) -> torch.Tensor: ...
+
+
+class DecoderStage(Stage):
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> np.ndarray: ...
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float images [..., C, H, W] -> uint8 [..., H, W, C], rounded as diffusers' numpy_to_pil."""
+    images = (images * 0.5 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize, in the VAE's dtype
+    array = images.movedim(-3, -1).cpu().float().numpy()
+    return (array * 255).round().astype(np.uint8)

@@ -1,0 +1,396 @@
+"""The parameter taxonomy as code.
+
+| kind   | life-cycle             | where                                   | who changes it |
+|--------|------------------------|-----------------------------------------|----------------|
+| model  | static, tied to weights| configs/models/<model>.yaml -> ModelParams  | nobody     |
+| user   | per request            | request tensors -> UserParams (frozen)  | end user       |
+| system | fixed at server start  | configs/system/<name>.yaml -> SystemParams | operator    |
+
+User params are parsed from plain Python/numpy values (whatever the Triton adapter unpacked) and
+validated against the model's limits and the system's budget. Every failure is a `ParamError`
+(a ValueError) whose message names the field, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import yaml
+
+PROJECT_ROOT_ENV = "SMART_DIFFUSION_HOME"
+
+
+def project_root() -> Path:
+    """Directory that relative config and weight paths are resolved against."""
+    env = os.environ.get(PROJECT_ROOT_ENV)
+    if env:
+        return Path(env).resolve()
+    return Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else (project_root() / path)
+
+
+def config_path(kind: str, name_or_path: str) -> Path:
+    """`tiny-flux` -> <root>/configs/models/tiny-flux.yaml; a path ending in .yaml is used as is."""
+    if name_or_path.endswith((".yaml", ".yml")):
+        return resolve_path(name_or_path)
+    return project_root() / "configs" / kind / f"{name_or_path}.yaml"
+
+
+class ParamError(ValueError):
+    """A user parameter that is missing, malformed or out of range; maps to Triton INVALID_ARG."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field_name = field_name
+
+
+class ConfigError(ValueError):
+    """A model or system config file that is malformed; fails the model at load time."""
+
+
+@dataclass(frozen=True)
+class Range:
+    min: float
+    max: float
+
+    def __str__(self) -> str:
+        return f"[{_fmt(self.min)}, {_fmt(self.max)}]"
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Model params
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Static facts about one set of weights: never changed by operators or users."""
+
+    name: str
+    family: str  # adapter name: "flux", "wan", ...
+    task: str  # "image" or "video"
+    weights: Path  # a diffusers pipeline directory (save_pretrained layout)
+    default_steps: int
+    default_guidance_scale: float
+    default_height: int
+    default_width: int
+    steps: Range
+    guidance_scale: Range
+    height: Range
+    width: Range
+    size_multiple: int  # VAE scale x patch size: sizes must be multiples of it
+    max_prompt_chars: int
+    max_sequence_length: int  # text tokens fed to the transformer
+    negative_prompt: bool  # whether the family uses a negative prompt (true CFG)
+    default_num_frames: int | None = None
+    num_frames: Range | None = None
+    frames_multiple: int | None = None  # video: frames = k * frames_multiple + 1
+    cache: Mapping[str, Any] = field(default_factory=dict)  # cache-ratio mapping, tuned per model
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "ModelParams":
+        path = config_path("models", name_or_path)
+        raw = _read_yaml(path)
+        try:
+            defaults, limits = raw["defaults"], raw["limits"]
+            task = raw.get("task", "image")
+            video = task == "video"
+            return cls(
+                name=raw.get("name", path.stem),
+                family=str(raw["family"]),
+                task=task,
+                weights=resolve_path(raw["weights"]),
+                default_steps=int(defaults["steps"]),
+                default_guidance_scale=float(defaults["guidance_scale"]),
+                default_height=int(defaults["height"]),
+                default_width=int(defaults["width"]),
+                steps=_range(limits["steps"]),
+                guidance_scale=_range(limits["guidance_scale"]),
+                height=_range(limits["height"]),
+                width=_range(limits["width"]),
+                size_multiple=int(limits["size_multiple"]),
+                max_prompt_chars=int(limits["max_prompt_chars"]),
+                max_sequence_length=int(raw["max_sequence_length"]),
+                negative_prompt=bool(raw.get("negative_prompt", False)),
+                default_num_frames=int(defaults["num_frames"]) if video else None,
+                num_frames=_range(limits["num_frames"]) if video else None,
+                frames_multiple=int(limits["frames_multiple"]) if video else None,
+                cache=dict(raw.get("cache", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: bad or missing model param ({exc!r})") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# System params
+# ---------------------------------------------------------------------------------------------
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_DEVICES = ("cpu", "cuda")
+_ATTENTION_BACKENDS = ("sdpa", "triton", "triton_fp8", "flash_attn")
+
+
+@dataclass(frozen=True)
+class SystemParams:
+    """Operator's choices, fixed when the server starts."""
+
+    name: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention_backend: str = "sdpa"
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    cfg_degree: int = 1
+    max_pixels_per_request: int = 1024 * 1024  # height * width (* frames for video)
+    max_steps: int = 100  # a ceiling below the model's own limit, for latency budgets
+    torch_threads: int = 0  # 0 = torch's default
+    compile_transformer: bool = False
+    vae_tiling: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.ulysses_degree * self.ring_degree * self.cfg_degree
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "SystemParams":
+        path = config_path("system", name_or_path)
+        raw = _read_yaml(path)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown system params {unknown}; known: {sorted(known)}")
+        raw.setdefault("name", path.stem)
+        try:
+            params = cls(**raw)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        params.validate(path)
+        return params
+
+    def validate(self, where: Path | str = "system params") -> None:
+        checks = [
+            (self.device in _DEVICES, f"device={self.device!r} not in {_DEVICES}"),
+            (self.dtype in _DTYPES, f"dtype={self.dtype!r} not in {_DTYPES}"),
+            (
+                self.attention_backend in _ATTENTION_BACKENDS,
+                f"attention_backend={self.attention_backend!r} not in {_ATTENTION_BACKENDS}",
+            ),
+            (min(self.ulysses_degree, self.ring_degree, self.cfg_degree) >= 1, "parallel degrees must be >= 1"),
+            (self.cfg_degree in (1, 2), f"cfg_degree={self.cfg_degree} must be 1 or 2"),
+            (self.max_pixels_per_request > 0, "max_pixels_per_request must be > 0"),
+            (self.max_steps > 0, "max_steps must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{where}: {message}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def _range(value: Any) -> Range:
+    lo, hi = value
+    return Range(float(lo), float(hi))
+
+
+# ---------------------------------------------------------------------------------------------
+# User params
+# ---------------------------------------------------------------------------------------------
+
+SEED_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class UserParams:
+    """One request's parameters, after defaults and validation."""
+
+    prompt: str
+    negative_prompt: str
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    cache_ratio: float
+    seed: int
+    num_frames: int | None = None  # video models only
+
+    @property
+    def uses_negative_prompt(self) -> bool:
+        return bool(self.negative_prompt)
+
+
+# Request tensor name -> (UserParams field, expected numpy kind)
+REQUEST_FIELDS: dict[str, tuple[str, str]] = {
+    "PROMPT": ("prompt", "bytes"),
+    "NEGATIVE_PROMPT": ("negative_prompt", "bytes"),
+    "HEIGHT": ("height", "int"),
+    "WIDTH": ("width", "int"),
+    "NUM_FRAMES": ("num_frames", "int"),
+    "STEPS": ("steps", "int"),
+    "GUIDANCE_SCALE": ("guidance_scale", "float"),
+    "CACHE_RATIO": ("cache_ratio", "float"),
+    "SEED": ("seed", "int"),
+}
+VIDEO_ONLY_FIELDS = ("NUM_FRAMES",)
+
+
+def request_fields_for(model: ModelParams) -> list[str]:
+    """Request tensor names a pipeline of this model accepts."""
+    names = list(REQUEST_FIELDS)
+    if model.task != "video":
+        names = [n for n in names if n not in VIDEO_ONLY_FIELDS]
+    return names
+
+
+def _scalar(name: str, value: Any, kind: str) -> Any:
+    """One element out of a request tensor, with its dtype checked."""
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise ParamError(name, f"expected exactly one element, got shape {list(arr.shape)}")
+    item = arr.reshape(-1)[0]
+    if kind == "bytes":
+        if isinstance(item, (bytes, np.bytes_)):
+            try:
+                return bytes(item).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ParamError(name, f"is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if isinstance(item, str):
+            return item
+        raise ParamError(name, f"expected BYTES (a UTF-8 string), got {arr.dtype}")
+    if kind == "int":
+        if arr.dtype.kind not in "iu":
+            raise ParamError(name, f"expected an integer tensor, got {arr.dtype}")
+        return int(item)
+    if kind == "float":
+        if arr.dtype.kind not in "fiu":
+            raise ParamError(name, f"expected a float tensor, got {arr.dtype}")
+        value = float(item)
+        if not math.isfinite(value):
+            raise ParamError(name, f"{value} is not a finite number")
+        return value
+    raise AssertionError(kind)  # programming error, not user input
+
+
+def _check_range(name: str, value: float, allowed: Range) -> None:
+    if not (allowed.min <= value <= allowed.max):
+        raise ParamError(name, f"{_fmt(value)} is out of range; allowed {allowed}")
+
+
+def parse_user_params(
+    values: Mapping[str, Any],
+    model: ModelParams,
+    system: SystemParams,
+    *,
+    require_prompt: bool = True,
+) -> UserParams:
+    """Request tensors (name -> numpy array or scalar) -> validated UserParams.
+
+    Absent names take the model's defaults; SEED absent draws a fresh random seed (reported back).
+    `require_prompt=False` lets stages that never see the prompt (denoiser, decoder) reuse the checks.
+    """
+    allowed_names = request_fields_for(model)
+    for name in values:
+        if name not in REQUEST_FIELDS:
+            raise ParamError(name, f"unknown input; accepted inputs: {', '.join(allowed_names)}")
+        if name not in allowed_names:
+            raise ParamError(name, f"is only accepted by video models; model {model.name!r} makes {model.task}s")
+
+    got = {REQUEST_FIELDS[n][0]: _scalar(n, v, REQUEST_FIELDS[n][1]) for n, v in values.items()}
+
+    prompt = got.get("prompt")
+    if prompt is None:
+        if require_prompt:
+            raise ParamError("PROMPT", "is required")
+        prompt = ""
+    elif require_prompt and not prompt.strip():
+        raise ParamError("PROMPT", "is empty; give a non-empty text")
+    if len(prompt) > model.max_prompt_chars:
+        raise ParamError("PROMPT", f"has {len(prompt)} characters; allowed at most {model.max_prompt_chars}")
+
+    negative = got.get("negative_prompt", "")
+    if negative and not model.negative_prompt:
+        raise ParamError(
+            "NEGATIVE_PROMPT",
+            f"is not supported by model {model.name!r} (family {model.family} has no negative-prompt guidance); "
+            "leave it out or empty",
+        )
+    if len(negative) > model.max_prompt_chars:
+        raise ParamError(
+            "NEGATIVE_PROMPT", f"has {len(negative)} characters; allowed at most {model.max_prompt_chars}"
+        )
+
+    height = got.get("height", model.default_height)
+    width = got.get("width", model.default_width)
+    for name, value, allowed in (("HEIGHT", height, model.height), ("WIDTH", width, model.width)):
+        _check_range(name, value, allowed)
+        if value % model.size_multiple:
+            raise ParamError(name, f"{value} is not a multiple of {model.size_multiple}; allowed {allowed}")
+
+    num_frames = None
+    if model.task == "video":
+        assert model.num_frames is not None and model.frames_multiple is not None
+        num_frames = got.get("num_frames", model.default_num_frames)
+        _check_range("NUM_FRAMES", num_frames, model.num_frames)
+        if (num_frames - 1) % model.frames_multiple:
+            raise ParamError(
+                "NUM_FRAMES",
+                f"{num_frames} is not of the form {model.frames_multiple}*k+1; allowed {model.num_frames}",
+            )
+
+    pixels = height * width * (num_frames or 1)
+    if pixels > system.max_pixels_per_request:
+        what = "HEIGHT*WIDTH*NUM_FRAMES" if num_frames else "HEIGHT*WIDTH"
+        raise ParamError(
+            what,
+            f"{height}x{width}{'x' + str(num_frames) if num_frames else ''} = {pixels} pixels exceeds this "
+            f"server's max_pixels_per_request {system.max_pixels_per_request}",
+        )
+
+    steps = got.get("steps", model.default_steps)
+    steps_range = Range(model.steps.min, min(model.steps.max, system.max_steps))
+    _check_range("STEPS", steps, steps_range)
+
+    guidance = got.get("guidance_scale", model.default_guidance_scale)
+    _check_range("GUIDANCE_SCALE", guidance, model.guidance_scale)
+
+    cache_ratio = got.get("cache_ratio", 0.0)
+    _check_range("CACHE_RATIO", cache_ratio, Range(0.0, 1.0))
+
+    seed = got.get("seed")
+    if seed is None:
+        seed = secrets.randbelow(SEED_MAX)
+    _check_range("SEED", seed, Range(0, SEED_MAX))
+
+    return UserParams(
+        prompt=prompt,
+        negative_prompt=negative,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance_scale=guidance,
+        cache_ratio=cache_ratio,
+        seed=seed,
+        num_frames=num_frames,
+    )

@@ -1,0 +1,144 @@
+"""Stage services: numpy tensors in, numpy tensors out — what each Triton model.py wraps.
+
+Each service owns one stage of one model family, validates the request tensors it receives
+(raising ParamError, a ValueError, for anything a user sent wrong), runs the stage and returns the
+output tensors by name. The STATS tensor (JSON) travels through the stages and each appends its
+own timing, so the ensemble and the BLS orchestrator report the same thing.
+
+Wire tensors (names are the Triton model inputs/outputs):
+    text_encoder: PROMPT, NEGATIVE_PROMPT            -> PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS, STATS
+    denoiser:     PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS,
+                  HEIGHT, WIDTH, [NUM_FRAMES], STEPS,
+                  GUIDANCE_SCALE, CACHE_RATIO, SEED, STATS -> LATENTS, STATS
+    vae_decoder:  LATENTS, STATS                     -> IMAGE (or VIDEO), STATS
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .families import DenoiseCancelled, Embeddings, load_stage
+from .families.base import StepCallback
+from .params import ModelParams, ParamError, SystemParams, UserParams, parse_user_params
+from .wire import TEXT_INPUTS, add_stage_time, denoiser_inputs, output_name, read_stats, stats_tensor
+
+
+def load_params(model_name: str, system_name: str) -> tuple[ModelParams, SystemParams]:
+    model = ModelParams.load(model_name)
+    system = SystemParams.load(system_name)
+    if system.torch_threads:
+        torch.set_num_threads(system.torch_threads)
+    return model, system
+
+
+def _float_tensor(inputs: Mapping[str, Any], name: str, ndim: int) -> torch.Tensor:
+    if name not in inputs:
+        raise ParamError(name, "is required")
+    array = np.asarray(inputs[name])
+    if array.dtype != np.float32 or array.ndim != ndim:
+        raise ParamError(name, f"expected FP32 with {ndim} dims, got {array.dtype} shape {list(array.shape)}")
+    if not np.isfinite(array).all():
+        raise ParamError(name, "contains non-finite values")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _user_values(inputs: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
+    return {n: inputs[n] for n in names if n in inputs}
+
+
+# --------------------------------------------------------------------------------------------
+# Stage services
+# --------------------------------------------------------------------------------------------
+
+
+class TextEncoderService:
+    stage_name = "text_encoder"
+
+    def __init__(self, model: ModelParams, system: SystemParams):
+        self.model, self.system = model, system
+        self.stage = load_stage("text_encoder", model, system)
+
+    def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        stats = read_stats(inputs)
+        params = parse_user_params(_user_values(inputs, list(TEXT_INPUTS)), self.model, self.system)
+        embeddings = self.stage.encode(params.prompt, params.negative_prompt or None)
+        return {
+            "PROMPT_EMBEDS": embeddings.prompt_embeds.float().cpu().numpy(),
+            "POOLED_PROMPT_EMBEDS": embeddings.pooled_prompt_embeds.float().cpu().numpy(),
+            "STATS": stats_tensor(add_stage_time(stats, self.stage_name, started)),
+        }
+
+
+class DenoiserService:
+    stage_name = "denoiser"
+
+    def __init__(self, model: ModelParams, system: SystemParams):
+        self.model, self.system = model, system
+        self.stage = load_stage("denoiser", model, system)
+
+    def parse(self, inputs: Mapping[str, Any]) -> tuple[UserParams, Embeddings]:
+        params = parse_user_params(
+            _user_values(inputs, denoiser_inputs(self.model)), self.model, self.system, require_prompt=False
+        )
+        embeddings = Embeddings(
+            prompt_embeds=_float_tensor(inputs, "PROMPT_EMBEDS", 3),
+            pooled_prompt_embeds=_float_tensor(inputs, "POOLED_PROMPT_EMBEDS", 2),
+        )
+        try:
+            embeddings.validate()
+        except ValueError as exc:
+            name, _, message = str(exc).partition(": ")
+            raise ParamError(name, message) from None
+        return params, embeddings
+
+    def __call__(self, inputs: Mapping[str, Any], on_step: StepCallback | None = None) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        stats = read_stats(inputs)
+        params, embeddings = self.parse(inputs)
+        latents = self.stage.denoise(embeddings, params, on_step=on_step)
+        stats.update(
+            model=self.model.name,
+            seed=params.seed,
+            steps=params.steps,
+            params={k: v for k, v in asdict(params).items() if k not in ("prompt", "negative_prompt")},
+        )
+        return {
+            "LATENTS": latents.float().cpu().numpy(),
+            "STATS": stats_tensor(add_stage_time(stats, self.stage_name, started)),
+        }
+
+
+class DecoderService:
+    stage_name = "vae_decoder"
+
+    def __init__(self, model: ModelParams, system: SystemParams):
+        self.model, self.system = model, system
+        self.stage = load_stage("decoder", model, system)
+
+    def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        stats = read_stats(inputs)
+        latents = _float_tensor(inputs, "LATENTS", 5 if self.model.task == "video" else 4)
+        try:
+            pixels = self.stage.decode(latents)
+        except ValueError as exc:
+            raise ParamError("LATENTS", str(exc)) from None
+        return {
+            output_name(self.model): pixels,
+            "STATS": stats_tensor(add_stage_time(stats, self.stage_name, started)),
+        }
+
+
+__all__ = [
+    "DecoderService",
+    "DenoiseCancelled",
+    "DenoiserService",
+    "TextEncoderService",
+    "load_params",
+]

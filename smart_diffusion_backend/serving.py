@@ -1,0 +1,200 @@
+"""Start and stop a real `tritonserver` (the 2.51 build shipped in the nvidia-pytriton wheel).
+
+Used by `make serve`, `make demo`, the integration tests and the benchmarks, so all of them run the
+same server the same way. Nothing here imports Triton: the server is a subprocess.
+
+Traps this handles (see shared/TRITON_SETUP.md): the Python-backend stub embeds the first `python3`
+on PATH, so the interpreter's bin dir goes first; the stub needs the interpreter's LIBDIR and the
+wheel's bundled libs on LD_LIBRARY_PATH, or the server hangs never ready — so readiness is polled
+with a deadline, and on timeout the server is killed and the log tail raised.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "triton_python_backend_shm_region"
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def pytriton_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed: it ships the tritonserver binary (pip install nvidia-pytriton==0.7.0)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def tritonserver_binary() -> Path:
+    return pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
+
+
+def prepare_backend_dir(dest: Path) -> Path:
+    """A backend directory holding the Python backend and the stub for this interpreter's version."""
+    src = pytriton_dir() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = src / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"no Python backend stub for Python {version} in {src}")
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for f in (
+        src / "backends" / "python" / "libtriton_python.so",
+        src / "backends" / "python" / "triton_python_backend_utils.py",
+        stub,
+    ):
+        target = python_dir / f.name
+        if not target.exists() or target.stat().st_size != f.stat().st_size:
+            shutil.copy2(f, target)
+    return dest
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    libs = [sysconfig.get_config_var("LIBDIR") or "", str(pytriton_dir().parent / "nvidia_pytriton.libs")]
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shm_regions() -> set[str]:
+    if not SHM_DIR.is_dir():
+        return set()
+    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SHM_PREFIX)}
+
+
+@dataclass
+class TritonServer:
+    """A tritonserver subprocess. Use as a context manager, or start()/stop()."""
+
+    model_repository: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    backend_dir: Path = Path(".triton/backends")
+    log_file: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    exit_timeout_s: int = 20
+    process: subprocess.Popen | None = None
+    _shm_before: set[str] = field(default_factory=set)
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def command(self) -> list[str]:
+        return [
+            str(tritonserver_binary()),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={self.backend_dir}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--pinned-memory-pool-byte-size=0",  # CPU-only hosts have no pinned memory to give
+            "--allow-gpu-metrics=false",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            *self.extra_args,
+        ]
+
+    def start(self, ready_timeout_s: float = 120.0) -> "TritonServer":
+        prepare_backend_dir(Path(self.backend_dir))
+        self._shm_before = shm_regions()
+        log = open(self.log_file, "ab") if self.log_file else None  # None: inherit our stdout
+        # Its own session, so a stop can signal the server and every stub it spawned.
+        self.process = subprocess.Popen(
+            self.command(), env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            self.wait_ready(ready_timeout_s)
+        except BaseException:
+            self.stop(grace_s=5)
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s; killed it:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_file or not Path(self.log_file).exists():
+            return "(no log file)"
+        return "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, grace_s: float | None = None) -> int | None:
+        """SIGTERM (Triton drains and unloads models), then SIGKILL the whole group after `grace_s`.
+
+        A killed server cannot unlink its stubs' shared-memory regions; those it created are removed here.
+        """
+        grace_s = self.exit_timeout_s + 10 if grace_s is None else grace_s
+        if self.process is None:
+            return None
+        proc, self.process = self.process, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stubs and pool workers that outlived the server
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if proc.returncode != 0:
+            for name in shm_regions() - self._shm_before:
+                (SHM_DIR / name).unlink(missing_ok=True)
+        return proc.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
