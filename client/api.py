@@ -190,9 +190,12 @@ class SmartDiffusionClient:
                 if "error" in event:
                     raise GenerationError(event["error"], 400 if "INVALID_ARG" in event["error"] else None)
                 if output in event:
-                    pixels = np.asarray(event[output], dtype=np.uint8)
-                    stats = event["STATS"]
-                    stats = json.loads(stats[0] if isinstance(stats, list) else stats)
+                    stats = json.loads(_scalar(event["STATS"]))
+                    # generate_stream sends tensors flattened; the shape is in the request's params
+                    shape = [stats["params"]["height"], stats["params"]["width"], 3]
+                    if stats["params"].get("num_frames"):
+                        shape.insert(0, stats["params"]["num_frames"])
+                    pixels = np.asarray(event[output], dtype=np.uint8).reshape(shape)
                     return GenerationResult(pixels, stats, progress)
                 update = (int(_scalar(event["STEP"])), int(_scalar(event["TOTAL_STEPS"])))
                 progress.append(update)

@@ -1,0 +1,31 @@
+"""The external reference: diffusers' own pipeline on the same directory, same params, same seed."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+
+@functools.lru_cache(maxsize=4)
+def _flux_pipeline(weights: str):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(weights)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_reference(model, prompt: str, *, height: int, width: int, steps: int, guidance_scale: float, seed: int) -> np.ndarray:
+    pipe = _flux_pipeline(str(model.weights))
+    image = pipe(
+        prompt,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        max_sequence_length=model.max_sequence_length,
+    ).images[0]
+    return np.asarray(image)
