@@ -10,6 +10,7 @@ import json
 import logging
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -35,12 +36,51 @@ def required_parameter(pb, params: Mapping[str, str], key: str, model_name: str)
     return value
 
 
+@dataclass(frozen=True)
+class ModelSetup:
+    """What initialize() needs from config.pbtxt: the Triton model's name and inputs, and its params."""
+
+    name: str
+    inputs: list[str]
+    model_config: str
+    system_config: str
+    extra: dict[str, str]
+
+
+def setup(pb, args: Mapping[str, str], extra_keys: tuple[str, ...] = ()) -> ModelSetup:
+    """Parse initialize()'s args; a missing parameter fails the model load with its name."""
+    config, params = model_parameters(args)
+    name = config["name"]
+    values = {key: required_parameter(pb, params, key, name) for key in ("model_config", "system_config", *extra_keys)}
+    return ModelSetup(
+        name=name,
+        inputs=input_names(config),
+        model_config=values.pop("model_config"),
+        system_config=values.pop("system_config"),
+        extra=values,
+    )
+
+
+STAGE_MODEL_KEYS = ("text_encoder_model", "denoiser_model", "vae_decoder_model")
+
+
 def load_or_fail(pb, model_name: str, loader: Callable[[], Any]) -> Any:
     """Run a loader at initialize(); a broken config or weights directory fails the model load."""
     try:
         return loader()
     except (ConfigError, OSError, ValueError) as exc:
         raise pb.TritonModelException(f"{model_name}: cannot load: {exc}") from exc
+
+
+def load_service(pb, model_setup: ModelSetup, service_class: type) -> Any:
+    """A stage service built from the model's model/system yamls, or a failed model load."""
+    from .service import load_params  # imports torch: only stage processes pay for it
+
+    return load_or_fail(
+        pb,
+        model_setup.name,
+        lambda: service_class(*load_params(model_setup.model_config, model_setup.system_config)),
+    )
 
 
 def input_names(config: Mapping[str, Any]) -> list[str]:
@@ -144,7 +184,11 @@ __all__ = [
     "error_response",
     "execute_each",
     "input_names",
+    "ModelSetup",
+    "STAGE_MODEL_KEYS",
     "load_or_fail",
+    "load_service",
+    "setup",
     "model_parameters",
     "read_inputs",
     "required_parameter",

@@ -8,19 +8,14 @@ import triton_python_backend_utils as pb_utils
 
 from smart_diffusion_backend import triton_adapter as adapter
 from smart_diffusion_backend.progress import StepReporter
-from smart_diffusion_backend.service import DenoiserService, load_params
+from smart_diffusion_backend.service import DenoiserService
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config, params = adapter.model_parameters(args)
-        self.name = config["name"]
-        model_config = adapter.required_parameter(pb_utils, params, "model_config", self.name)
-        system_config = adapter.required_parameter(pb_utils, params, "system_config", self.name)
-        self.service = adapter.load_or_fail(
-            pb_utils, self.name, lambda: DenoiserService(*load_params(model_config, system_config))
-        )
-        self.inputs = [n for n in adapter.input_names(config) if n != "PROGRESS_CHANNEL"]
+        self.setup = adapter.setup(pb_utils, args)
+        self.service = adapter.load_service(pb_utils, self.setup, DenoiserService)
+        self.inputs = [n for n in self.setup.inputs if n != "PROGRESS_CHANNEL"]
 
     def _denoise(self, request):
         inputs = adapter.read_inputs(pb_utils, request, self.inputs)
@@ -34,4 +29,4 @@ class TritonPythonModel:
             reporter.close()
 
     def execute(self, requests):
-        return adapter.execute_each(pb_utils, requests, self.name, self._denoise)
+        return adapter.execute_each(pb_utils, requests, self.setup.name, self._denoise)

@@ -12,27 +12,22 @@ from smart_diffusion_backend.params import ModelParams, SystemParams
 
 class TritonPythonModel:
     def initialize(self, args):
-        config, params = adapter.model_parameters(args)
-        self.name = config["name"]
-        model_config = adapter.required_parameter(pb_utils, params, "model_config", self.name)
-        system_config = adapter.required_parameter(pb_utils, params, "system_config", self.name)
-        stages = {
-            key: adapter.required_parameter(pb_utils, params, key, self.name)
-            for key in ("text_encoder_model", "denoiser_model", "vae_decoder_model")
-        }
+        self.setup = adapter.setup(pb_utils, args, adapter.STAGE_MODEL_KEYS)
         self.pipeline = adapter.load_or_fail(
             pb_utils,
-            self.name,
+            self.setup.name,
             lambda: adapter.PipelineOrchestrator(
-                pb_utils, ModelParams.load(model_config), SystemParams.load(system_config), stages
+                pb_utils,
+                ModelParams.load(self.setup.model_config),
+                SystemParams.load(self.setup.system_config),
+                self.setup.extra,
             ),
         )
-        self.inputs = adapter.input_names(config)
 
     def execute(self, requests):
         return adapter.execute_each(
             pb_utils,
             requests,
-            self.name,
-            lambda r: self.pipeline.run(self.pipeline.parse(adapter.read_inputs(pb_utils, r, self.inputs))),
+            self.setup.name,
+            lambda r: self.pipeline.run(self.pipeline.parse(adapter.read_inputs(pb_utils, r, self.setup.inputs))),
         )

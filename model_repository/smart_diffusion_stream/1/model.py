@@ -23,22 +23,17 @@ def _progress(step: int, total: int) -> dict:
 
 class TritonPythonModel:
     def initialize(self, args):
-        config, params = adapter.model_parameters(args)
-        self.name = config["name"]
-        model_config = adapter.required_parameter(pb_utils, params, "model_config", self.name)
-        system_config = adapter.required_parameter(pb_utils, params, "system_config", self.name)
-        stages = {
-            key: adapter.required_parameter(pb_utils, params, key, self.name)
-            for key in ("text_encoder_model", "denoiser_model", "vae_decoder_model")
-        }
+        self.setup = adapter.setup(pb_utils, args, adapter.STAGE_MODEL_KEYS)
         self.pipeline = adapter.load_or_fail(
             pb_utils,
-            self.name,
+            self.setup.name,
             lambda: adapter.PipelineOrchestrator(
-                pb_utils, ModelParams.load(model_config), SystemParams.load(system_config), stages
+                pb_utils,
+                ModelParams.load(self.setup.model_config),
+                SystemParams.load(self.setup.system_config),
+                self.setup.extra,
             ),
         )
-        self.inputs = adapter.input_names(config)
 
     def _forward_progress(self, request, sender, channel: StepChannel, done: threading.Event) -> None:
         """Relay step messages as responses until the denoiser is done and the channel is drained."""
@@ -55,7 +50,7 @@ class TritonPythonModel:
     def _stream(self, request) -> None:
         sender = request.get_response_sender()
         try:
-            params = self.pipeline.parse(adapter.read_inputs(pb_utils, request, self.inputs))
+            params = self.pipeline.parse(adapter.read_inputs(pb_utils, request, self.setup.inputs))
             done = threading.Event()
             with StepChannel() as channel:
                 relay = threading.Thread(
@@ -70,7 +65,7 @@ class TritonPythonModel:
             outputs.update(_progress(params.steps, params.steps))
             sender.send(adapter.response(pb_utils, outputs), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - the stream always ends with the final flag
-            sender.send(adapter.error_response(pb_utils, exc, self.name), flags=FINAL)
+            sender.send(adapter.error_response(pb_utils, exc, self.setup.name), flags=FINAL)
 
     def execute(self, requests):
         for request in requests:

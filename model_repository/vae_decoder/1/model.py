@@ -3,21 +3,15 @@
 import triton_python_backend_utils as pb_utils
 
 from smart_diffusion_backend import triton_adapter as adapter
-from smart_diffusion_backend.service import DecoderService, load_params
+from smart_diffusion_backend.service import DecoderService
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config, params = adapter.model_parameters(args)
-        self.name = config["name"]
-        model_config = adapter.required_parameter(pb_utils, params, "model_config", self.name)
-        system_config = adapter.required_parameter(pb_utils, params, "system_config", self.name)
-        self.service = adapter.load_or_fail(
-            pb_utils, self.name, lambda: DecoderService(*load_params(model_config, system_config))
-        )
-        self.inputs = adapter.input_names(config)
+        self.setup = adapter.setup(pb_utils, args)
+        self.service = adapter.load_service(pb_utils, self.setup, DecoderService)
 
     def execute(self, requests):
         return adapter.execute_each(
-            pb_utils, requests, self.name, lambda r: self.service(adapter.read_inputs(pb_utils, r, self.inputs))
+            pb_utils, requests, self.setup.name, lambda r: self.service(adapter.read_inputs(pb_utils, r, self.setup.inputs))
         )
