@@ -9,20 +9,27 @@ from pathlib import Path
 
 from .api import GenerationError, Request, SmartDiffusionClient
 
+VIDEO_SUFFIXES = (".mp4", ".gif")
 
-def _save(pixels, out: Path, fps: int) -> None:
+
+def _save(pixels, out: Path, fps: int) -> Path:
+    """Write an image [H, W, 3] (any PIL format) or a video [F, H, W, 3] (.mp4 or .gif); returns the path."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if pixels.ndim == 3:
         from PIL import Image
 
         Image.fromarray(pixels).save(out)
-        return
+        return out
+    if out.suffix.lower() not in VIDEO_SUFFIXES:
+        out = out.with_suffix(".mp4")  # a video model answered: keep the frames rather than fail after the work
+        print(f"the model returned a video; writing {out}", file=sys.stderr)
     import imageio.v2 as imageio  # video [F, H, W, 3]: .mp4 via the ffmpeg binary of imageio-ffmpeg, or .gif
 
     if out.suffix.lower() == ".gif":
         imageio.mimsave(out, list(pixels), duration=1000 / fps, loop=0)
     else:
         imageio.mimsave(out, list(pixels), fps=fps, codec="libx264", macro_block_size=1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--protocol", choices=("http", "grpc"), default="http")
     gen.add_argument("--model-prefix", default="", help="pipeline prefix when a server serves several")
     gen.add_argument("--stream", action="store_true", help="stream per-step progress")
-    gen.add_argument("--fps", type=int, default=16)
+    gen.add_argument("--fps", type=int, default=16, help="video frame rate (Wan2.1 is trained at 16)")
     gen.add_argument("--out", type=Path, required=True, help=".png for images; .mp4 or .gif for videos")
     args = parser.parse_args(argv)
 
@@ -58,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         cache_ratio=args.cache_ratio,
         seed=args.seed,
     )
-    output = "VIDEO" if args.num_frames is not None else "IMAGE"
     with SmartDiffusionClient(url, args.protocol, model_prefix=args.model_prefix) as client:
         try:
             if args.stream:
@@ -71,16 +77,16 @@ def main(argv: list[str] | None = None) -> int:
                     bar = bar or tqdm(total=total, desc="denoising", unit="step")
                     bar.update(step - bar.n)
 
-                result = client.stream(request, on_progress, output=output)
+                result = client.stream(request, on_progress)
                 if bar is not None:
                     bar.close()
             else:
-                result = client.infer(request, output=output)
+                result = client.infer(request)
         except GenerationError as exc:
             print(f"error ({exc.status}): {exc}", file=sys.stderr)
             return 1
-    _save(result.pixels, args.out, args.fps)
-    print(json.dumps({"out": str(args.out), "shape": list(result.pixels.shape), **result.stats}))
+    out = _save(result.pixels, args.out, args.fps)
+    print(json.dumps({"out": str(out), "shape": list(result.pixels.shape), **result.stats}))
     return 0
 
 

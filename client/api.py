@@ -95,6 +95,7 @@ class SmartDiffusionClient:
 
             self._client = module.InferenceServerClient(url)
         self._module = module
+        self._pixel_outputs: dict[str, str] = {}
 
     def model_name(self, base: str) -> str:
         return f"{self.prefix}{base}"
@@ -122,8 +123,24 @@ class SmartDiffusionClient:
             inputs.append(tensor)
         return inputs
 
-    def infer(self, request: Request, model: str = "smart_diffusion", output: str = "IMAGE") -> GenerationResult:
-        """Plain request/response (the BLS orchestrator or the ensemble)."""
+    def pixel_output(self, model: str) -> str:
+        """The pixel output the served model declares, VIDEO or IMAGE (asked once per model)."""
+        name = self.model_name(model)
+        if name not in self._pixel_outputs:
+            try:
+                if self.protocol == "grpc":
+                    metadata = self._client.get_model_metadata(name, as_json=True)
+                else:
+                    metadata = self._client.get_model_metadata(name)
+            except Exception as exc:  # tritonclient raises InferenceServerException
+                raise _generation_error(exc) from None
+            declared = {output["name"] for output in metadata.get("outputs", [])}
+            self._pixel_outputs[name] = "VIDEO" if "VIDEO" in declared else "IMAGE"
+        return self._pixel_outputs[name]
+
+    def infer(self, request: Request, model: str = "smart_diffusion", output: str | None = None) -> GenerationResult:
+        """Plain request/response (the BLS orchestrator or the ensemble); `output` defaults to the model's."""
+        output = output or self.pixel_output(model)
         outputs = [self._module.InferRequestedOutput(output), self._module.InferRequestedOutput("STATS")]
         try:
             kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
@@ -133,39 +150,47 @@ class SmartDiffusionClient:
         return GenerationResult(result.as_numpy(output), json.loads(result.as_numpy("STATS")[0]))
 
     def stream(
-        self, request: Request, on_progress: ProgressCallback | None = None, model: str = "smart_diffusion_stream", output: str = "IMAGE"
+        self,
+        request: Request,
+        on_progress: ProgressCallback | None = None,
+        model: str = "smart_diffusion_stream",
+        output: str | None = None,
     ) -> GenerationResult:
-        """Streaming generation: progress after every step, then the result."""
+        """Streaming generation: progress after every step, then the result (image or video)."""
+        output = output or self.pixel_output(model)
         if self.protocol == "grpc":
             return self._stream_grpc(request, on_progress, model, output)
         return self._stream_http(request, on_progress, model, output)
 
     def generate(self, prompt: str, *, stream: bool = False, on_progress: ProgressCallback | None = None, **params) -> GenerationResult:
         request = Request(prompt=prompt, **params)
-        output = "VIDEO" if request.num_frames is not None else "IMAGE"
         if stream:
-            return self.stream(request, on_progress, output=output)
-        return self.infer(request, output=output)
+            return self.stream(request, on_progress)
+        return self.infer(request)
 
     def _stream_grpc(self, request, on_progress, model, output) -> GenerationResult:
         responses: queue.Queue = queue.Queue()
         self._client.start_stream(callback=lambda result, error: responses.put((result, error)))
         progress: list[tuple[int, int]] = []
+        finished = False  # the final response (or error) arrived: nothing left to cancel server-side
         try:
             self._client.async_stream_infer(self.model_name(model), self._inputs(request))
             while True:
                 result, error = responses.get(timeout=self.timeout_s)
                 if error is not None:
+                    finished = True
                     raise _generation_error(error)
                 pixels = result.as_numpy(output)
                 if pixels is not None:
+                    finished = True
                     return GenerationResult(pixels, json.loads(result.as_numpy("STATS")[0]), progress)
                 update = (int(result.as_numpy("STEP")[0]), int(result.as_numpy("TOTAL_STEPS")[0]))
                 progress.append(update)
                 if on_progress:
                     on_progress(*update)
         finally:
-            self._client.stop_stream(cancel_requests=True)
+            # Cancel only a request still running (timeout, an exception in on_progress, Ctrl-C).
+            self._client.stop_stream(cancel_requests=not finished)
 
     def _stream_http(self, request, on_progress, model, output) -> GenerationResult:
         host, _, port = self.url.rpartition(":")

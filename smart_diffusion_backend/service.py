@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
 from .families import DenoiseCancelled, Embeddings, load_stage
-from .families.base import StepCallback
 from .params import ModelParams, ParamError, SystemParams, UserParams, parse_user_params
+from .progress import StepReporter
 from .wire import TEXT_INPUTS, add_stage_time, denoiser_inputs, output_name, read_stats, stats_tensor
 
 
@@ -76,11 +76,25 @@ class TextEncoderService:
 
 
 class DenoiserService:
+    """Runs the denoise loop in this process, or — when the system params ask for more than one
+    rank — in a worker pool of sequence/CFG-parallel processes that this service owns."""
+
     stage_name = "denoiser"
 
     def __init__(self, model: ModelParams, system: SystemParams):
         self.model, self.system = model, system
-        self.stage = load_stage("denoiser", model, system)
+        self.pool = None
+        self.stage = None
+        if system.world_size > 1:
+            from .parallel.denoise_worker import PooledDenoiser
+
+            self.pool = PooledDenoiser(model, system)
+        else:
+            self.stage = load_stage("denoiser", model, system)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
     def parse(self, inputs: Mapping[str, Any]) -> tuple[UserParams, Embeddings]:
         params = parse_user_params(
@@ -97,13 +111,40 @@ class DenoiserService:
             raise ParamError(name, message) from None
         return params, embeddings
 
-    def __call__(self, inputs: Mapping[str, Any], on_step: StepCallback | None = None) -> dict[str, np.ndarray]:
+    def _denoise(
+        self, embeddings: Embeddings, params: UserParams, channel: str | None, cancel_check: Callable[[], bool] | None
+    ) -> torch.Tensor:
+        if self.pool is not None:
+            return self.pool.denoise(embeddings, params, channel, cancel_check)
+        reporter = StepReporter(channel) if channel else None
+
+        def on_step(step: int, total: int) -> None:
+            if reporter is not None:
+                reporter(step, total)
+            if cancel_check is not None and cancel_check():
+                raise DenoiseCancelled(f"cancelled after step {step} of {total}")
+
+        try:
+            return self.stage.denoise(embeddings, params, on_step=on_step)
+        finally:
+            if reporter is not None:
+                reporter.close()
+
+    def __call__(
+        self,
+        inputs: Mapping[str, Any],
+        progress_channel: str | None = None,
+        cancel_check: Callable[[], bool] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """`progress_channel`: a StepChannel address to report each step to (and hear cancels from);
+        `cancel_check`: polled between steps (Triton's request.is_cancelled)."""
         started = time.perf_counter()
         stats = read_stats(inputs)
         params, embeddings = self.parse(inputs)
-        latents = self.stage.denoise(embeddings, params, on_step=on_step)
+        latents = self._denoise(embeddings, params, progress_channel, cancel_check)
         stats.update(
             model=self.model.name,
+            ranks=self.system.world_size,
             seed=params.seed,
             steps=params.steps,
             params={k: v for k, v in asdict(params).items() if k not in ("prompt", "negative_prompt")},

@@ -90,6 +90,40 @@ def shm_regions() -> set[str]:
     return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SHM_PREFIX)}
 
 
+def child_pids(pid: int) -> set[int]:
+    """Every descendant of `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def mapped_shm_regions(pids: set[int]) -> set[str]:
+    """The Python-backend /dev/shm regions these processes have mapped: this server's, not another's."""
+    regions = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            path = line.rsplit(" ", 1)[-1]
+            if path.startswith(f"{SHM_DIR}/{SHM_PREFIX}"):
+                regions.add(Path(path).name)
+    return regions
+
+
 @dataclass
 class TritonServer:
     """A tritonserver subprocess. Use as a context manager, or start()/stop()."""
@@ -104,7 +138,6 @@ class TritonServer:
     host: str = "127.0.0.1"
     exit_timeout_s: int = 20
     process: subprocess.Popen | None = None
-    _shm_before: set[str] = field(default_factory=set)
 
     @property
     def http_url(self) -> str:
@@ -133,7 +166,6 @@ class TritonServer:
 
     def start(self, ready_timeout_s: float = 120.0) -> "TritonServer":
         prepare_backend_dir(Path(self.backend_dir))
-        self._shm_before = shm_regions()
         log = open(self.log_file, "ab") if self.log_file else None  # None: inherit our stdout
         # Its own session, so a stop can signal the server and every stub it spawned.
         self.process = subprocess.Popen(
@@ -177,6 +209,7 @@ class TritonServer:
         if self.process is None:
             return None
         proc, self.process = self.process, None
+        ours = mapped_shm_regions(child_pids(proc.pid) | {proc.pid})
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -189,7 +222,7 @@ class TritonServer:
             pass
         proc.wait()
         if proc.returncode != 0:
-            for name in shm_regions() - self._shm_before:
+            for name in ours & shm_regions():
                 (SHM_DIR / name).unlink(missing_ok=True)
         return proc.returncode
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,23 +34,24 @@ def cpu_system():
     return SystemParams.load("cpu")
 
 
-def child_pids(pid: int) -> set[int]:
-    """Every descendant of `pid` (from /proc), to prove a stopped server left nothing behind."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
+def _describe(pid: int) -> str | None:
+    """'pid state cmdline' of a live (non-zombie) process, or None."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, IndexError):
+        return None
+    return None if state == "Z" else f"{pid} {state} {cmdline[:200]}"
+
+
+def _still_running(pids: set[int], grace_s: float = 5.0) -> list[str]:
+    """Processes of `pids` still running after a short grace (an orphan is reaped by init, not at once)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        alive = [d for d in map(_describe, sorted(pids)) if d]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 def start_server(repo: Path, tmp_dir: Path, **kwargs):
@@ -69,15 +71,17 @@ def start_server(repo: Path, tmp_dir: Path, **kwargs):
     return server, shm_before
 
 
-def stop_server_and_check(server, shm_before) -> None:
+def stop_server_and_check(server, shm_before=None) -> None:
     """Stop gracefully; fail loudly if the server needed a kill or left processes or /dev/shm files."""
-    from smart_diffusion_backend.serving import shm_regions
+    from smart_diffusion_backend.serving import child_pids, mapped_shm_regions, shm_regions
 
     pid = server.process.pid
     leftover_children = child_pids(pid)
+    ours = mapped_shm_regions(leftover_children | {pid})
+    assert ours, "found no shared-memory region mapped by the server: the leak check would be vacuous"
     code = server.stop()
-    alive = [p for p in leftover_children if Path(f"/proc/{p}").exists()]
-    leaked = shm_regions() - shm_before
+    alive = _still_running(leftover_children)
+    leaked = shm_regions() & ours
     assert code == 0, f"tritonserver exit code {code}:\n{server.log_tail()}"
     assert not alive, f"processes left after server exit: {alive}"
     assert not leaked, f"/dev/shm regions left after server exit: {sorted(leaked)}"

@@ -71,7 +71,24 @@ class TextEncoderStage(Stage):
     def encode(self, prompt: str, negative_prompt: str | None) -> Embeddings: ...
 
 
+# Runs the two CFG branches: (forward, cond_kwargs, uncond_kwargs) -> (cond_out, uncond_out).
+# Sequential here; a CFG-parallel pool swaps in one that runs each branch on half of the GPUs.
+BranchRunner = Callable[[Callable[..., torch.Tensor], dict, dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_branches_sequentially(forward, cond_kwargs: dict, uncond_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(**cond_kwargs), forward(**uncond_kwargs)
+
+
 class DenoiserStage(Stage):
+    """Owns the transformer and the denoising loop.
+
+    `transformer` may be passed in (a pool worker passes its sequence-parallel one); `run_branches`
+    decides how the conditional and unconditional passes of classifier-free guidance run.
+    """
+
+    run_branches: BranchRunner = staticmethod(run_branches_sequentially)
+
     @abstractmethod
     def denoise(
         self, embeddings: Embeddings, params: UserParams, on_step: StepCallback | None = None

@@ -2,12 +2,13 @@
 
 PROGRESS_CHANNEL (optional, set by the streaming orchestrator) names a step channel: one progress
 message per step goes there, and a cancel message coming back stops the loop within one step.
+With more than one rank in the system params the loop runs in a worker pool owned by this model
+(spawned in initialize, stopped in finalize).
 """
 
 import triton_python_backend_utils as pb_utils
 
 from smart_diffusion_backend import triton_adapter as adapter
-from smart_diffusion_backend.progress import StepReporter
 from smart_diffusion_backend.service import DenoiserService
 
 
@@ -20,13 +21,11 @@ class TritonPythonModel:
     def _denoise(self, request):
         inputs = adapter.read_inputs(pb_utils, request, self.inputs)
         channel = pb_utils.get_input_tensor_by_name(request, "PROGRESS_CHANNEL")
-        if channel is None:
-            return self.service(inputs)
-        reporter = StepReporter(channel.as_numpy().reshape(-1)[0].decode())
-        try:
-            return self.service(inputs, on_step=reporter)
-        finally:
-            reporter.close()
+        address = channel.as_numpy().reshape(-1)[0].decode() if channel is not None else None
+        return self.service(inputs, progress_channel=address, cancel_check=request.is_cancelled)
 
     def execute(self, requests):
         return adapter.execute_each(pb_utils, requests, self.setup.name, self._denoise)
+
+    def finalize(self):
+        self.service.close()  # stops the worker pool, if any

@@ -1,0 +1,96 @@
+"""The denoiser's worker pool: one process per rank, each holding the family's DenoiserStage with a
+sequence-parallel transformer, running the same denoise loop in lockstep.
+
+Every rank gets the same job (embeddings, user params): noise comes from the seeded CPU generator, the
+scheduler is built per request, so trajectories are identical on all ranks and rank 0's latents are
+the answer. Rank 0 reports progress to the request's step channel; a cancel heard there is raised as a
+pool-wide cancel flag, and all ranks stop together at the next step (a collective check).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..families import Embeddings, load_stage
+from ..params import ModelParams, SystemParams, UserParams
+from ..progress import DenoiseCancelled, StepReporter
+from .parallel_state import ParallelConfig
+from .transformer_sp import SPTransformerConfig, cfg_parallel, parallelize_transformer
+from .worker_pool import JobCancelledError, WorkerContext, WorkerPool, WorkerPoolError
+
+
+class DenoiseWorker:
+    def __init__(self, ctx: WorkerContext, model: ModelParams, system: SystemParams) -> None:
+        self.ctx = ctx
+        self.model, self.system = model, system
+        if system.torch_threads:
+            torch.set_num_threads(system.torch_threads)
+        self.stage = load_stage("denoiser", self.model, self.system)
+        if ctx.parallel.sp_degree > 1:
+            self.sp_handle = parallelize_transformer(
+                self.stage.transformer, SPTransformerConfig(attention_backend=self.system.attention_backend)
+            )
+        if ctx.parallel.cfg_degree > 1:
+            self.stage.run_branches = cfg_parallel
+        ctx.heartbeat()
+
+    def denoise(self, prompt_embeds: np.ndarray, pooled: np.ndarray, params: UserParams, channel: str | None) -> torch.Tensor:
+        embeddings = Embeddings(torch.from_numpy(prompt_embeds), torch.from_numpy(pooled))
+        reporter = StepReporter(channel) if channel and self.ctx.rank == 0 else None
+
+        def on_step(step: int, total: int) -> None:
+            if reporter is not None:
+                try:
+                    reporter(step, total)
+                except DenoiseCancelled:
+                    self.ctx.request_cancel()
+            self.ctx.check_cancelled()  # collective: every rank stops at the same step
+
+        try:
+            return self.stage.denoise(embeddings, params, on_step=on_step).float().cpu()
+        finally:
+            if reporter is not None:
+                reporter.close()
+
+
+def init_denoise_worker(ctx: WorkerContext, model: ModelParams, system: SystemParams) -> DenoiseWorker:
+    return DenoiseWorker(ctx, model, system)
+
+
+class PooledDenoiser:
+    """The denoiser model's pool: spawned at load, a job per request, respawned after a failure."""
+
+    def __init__(self, model: ModelParams, system: SystemParams, *, step_timeout_s: float = 600.0):
+        parallel = ParallelConfig(
+            ulysses_degree=system.ulysses_degree, ring_degree=system.ring_degree, cfg_degree=system.cfg_degree
+        )
+        threads = system.torch_threads or (max(1, (os.cpu_count() or 1) // parallel.world_size) if system.device == "cpu" else None)
+        self.pool = WorkerPool(
+            parallel.world_size,
+            init_denoise_worker,
+            init_args=(model, system),
+            parallel=parallel,
+            device=system.device,
+            step_timeout_s=step_timeout_s,
+            num_threads=threads,
+        )
+        self.pool.start()
+
+    def denoise(self, embeddings: Embeddings, params: UserParams, channel: str | None, cancel_check: Any = None) -> torch.Tensor:
+        try:
+            return self.pool.execute(
+                "denoise",
+                (embeddings.prompt_embeds.numpy(), embeddings.pooled_prompt_embeds.numpy(), params, channel),
+                cancel_check=cancel_check,
+            )
+        except JobCancelledError as exc:
+            raise DenoiseCancelled(f"cancelled: {exc}") from None
+        except WorkerPoolError as exc:
+            raise RuntimeError(f"worker pool failed this request (it restarts for the next one): {exc}") from None
+
+    def close(self) -> None:
+        self.pool.shutdown()
