@@ -376,7 +376,8 @@ def parse_user_params(
     _check_range("GUIDANCE_SCALE", guidance, model.guidance_scale)
 
     cache_ratio = got.get("cache_ratio", 0.0)
-    _check_range("CACHE_RATIO", cache_ratio, Range(0.0, 1.0))
+    # A model with no tuned cache section cannot honour a ratio: refuse it rather than ignore it.
+    _check_range("CACHE_RATIO", cache_ratio, Range(0.0, 1.0 if model.cache else 0.0))
 
     seed = got.get("seed")
     if seed is None:

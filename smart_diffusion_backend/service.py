@@ -113,7 +113,7 @@ class DenoiserService:
 
     def _denoise(
         self, embeddings: Embeddings, params: UserParams, channel: str | None, cancel_check: Callable[[], bool] | None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, dict]:
         if self.pool is not None:
             return self.pool.denoise(embeddings, params, channel, cancel_check)
         reporter = StepReporter(channel) if channel else None
@@ -124,8 +124,9 @@ class DenoiserService:
             if cancel_check is not None and cancel_check():
                 raise DenoiseCancelled(f"cancelled after step {step} of {total}")
 
+        stats: dict = {}
         try:
-            return self.stage.denoise(embeddings, params, on_step=on_step)
+            return self.stage.denoise(embeddings, params, on_step=on_step, stats=stats), stats
         finally:
             if reporter is not None:
                 reporter.close()
@@ -141,7 +142,8 @@ class DenoiserService:
         started = time.perf_counter()
         stats = read_stats(inputs)
         params, embeddings = self.parse(inputs)
-        latents = self._denoise(embeddings, params, progress_channel, cancel_check)
+        latents, cache_stats = self._denoise(embeddings, params, progress_channel, cancel_check)
+        stats["cache"] = cache_stats
         stats.update(
             model=self.model.name,
             ranks=self.system.world_size,

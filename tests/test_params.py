@@ -141,3 +141,10 @@ def test_shipped_model_yamls_load(name):
 @pytest.mark.parametrize("name", ["cpu", "cpu-sp2", "cpu-ring2", "gpu-1", "gpu-2", "gpu-4", "gpu-4-hybrid", "gpu-2-cfg"])
 def test_shipped_system_yamls_load(name):
     assert SystemParams.load(name).world_size >= 1
+
+
+def test_cache_ratio_needs_a_tuned_cache_section(model, system):
+    untuned = dataclasses.replace(model, cache={})
+    parse_user_params({"PROMPT": b("x"), "CACHE_RATIO": f32(0.0)}, untuned, system)
+    with pytest.raises(ParamError, match=r"CACHE_RATIO: 0.5 is out of range; allowed \[0, 0\]"):
+        parse_user_params({"PROMPT": b("x"), "CACHE_RATIO": f32(0.5)}, untuned, system)

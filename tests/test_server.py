@@ -68,6 +68,7 @@ BAD = [
     (dict(guidance_scale=float("nan")), "GUIDANCE_SCALE", "finite"),
     (dict(guidance_scale=-3.0), "GUIDANCE_SCALE", "out of range"),
     (dict(cache_ratio=2.0), "CACHE_RATIO", "[0, 1]"),
+    (dict(cache_ratio=-0.5), "CACHE_RATIO", "out of range"),
     (dict(seed=-5), "SEED", "out of range"),
     (dict(prompt=""), "PROMPT", "empty"),
     (dict(prompt="x" * 5000), "PROMPT", "characters"),
@@ -160,3 +161,33 @@ def test_cli_writes_the_png(server, reference, tmp_path):
 
     np.testing.assert_array_equal(np.asarray(Image.open(out)), reference)
     assert json.loads(done.stdout.strip().splitlines()[-1])["seed"] == 42
+
+
+def test_cache_ratio_trades_block_evaluations_for_quality(server, reference):
+    ratios = [0.0, 0.25, 0.5, 0.75, 1.0]
+    with client_for(server, "http") as client:
+        results = [client.infer(Request(**{**CASE, "steps": 12}, cache_ratio=r)) for r in ratios]
+        base = client.infer(Request(**CASE, cache_ratio=0.0))
+    np.testing.assert_array_equal(base.image, reference)  # ratio 0 is the uncached pipeline, bit for bit
+    evals = [r.stats["cache"]["cache_block_evals"] for r in results]
+    assert evals == sorted(evals, reverse=True) and evals[-1] < evals[0], evals
+    assert all(r.stats["cache"]["cache_ratio"] == ratio for r, ratio in zip(results, ratios))
+    schedule = results[-1].stats["cache"]["cache_schedule"]["cond"]
+    assert schedule[0] == "C" and schedule[-1] == "C", schedule  # first and last steps always computed
+
+
+def test_concurrent_requests_with_different_ratios_equal_their_solo_results(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    requests = [Request(**{**CASE, "steps": 10}, cache_ratio=0.0), Request(**{**CASE, "steps": 10}, cache_ratio=0.8)]
+
+    def run(request):
+        with client_for(server, "grpc") as client:
+            return client.infer(request)
+
+    solo = [run(r) for r in requests]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, requests * 2))
+    for i, result in enumerate(together):
+        np.testing.assert_array_equal(result.image, solo[i % 2].image)
+        assert result.stats["cache"] == solo[i % 2].stats["cache"]

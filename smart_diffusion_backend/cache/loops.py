@@ -1,6 +1,6 @@
 """Reference denoise loops with the cache wired in: the integration recipe in executable form.
 
-``flux_denoise`` is ``FluxDenoiser.denoise`` line for line plus the four cache lines (marked ``# cache``);
+``flux_denoise`` runs ``FluxDenoiser.denoise`` (which carries the cache) with a given config;
 ``wan_denoise`` is ``WanPipeline.__call__``'s loop (true CFG: a "cond" and an "uncond" branch per step).
 Tests and bench/cache_bench.py use them until the families' own loops carry the same lines.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import FluxPipeline
 
 from .config import CacheConfig
 from .session import request_cache
@@ -18,42 +17,12 @@ from .session import request_cache
 __all__ = ["flux_denoise", "wan_denoise"]
 
 
-@torch.inference_mode()
 def flux_denoise(denoiser: Any, embeddings: Any, params: Any, config: CacheConfig | None) -> tuple[torch.Tensor, dict]:
-    """FluxDenoiser.denoise with a cache: -> (latents [1, C, H/8, W/8], cache stats)."""
-    embeddings.validate()
-    prompt_embeds = embeddings.prompt_embeds[:1].to(denoiser.device, denoiser.dtype)
-    pooled = embeddings.pooled_prompt_embeds[:1].to(denoiser.device, denoiser.dtype)
-    text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=denoiser.device, dtype=denoiser.dtype)
-
-    # 1. Initial noise and timesteps
-    latents, image_ids = denoiser.prepare_latents(params)
-    scheduler, timesteps = denoiser.make_scheduler(params.steps, latents.shape[1])
-    guidance = None
-    if denoiser.transformer.config.guidance_embeds:
-        guidance = torch.full([1], params.guidance_scale, device=denoiser.device, dtype=torch.float32)
-
-    # 2. Denoising loop
-    with request_cache(denoiser.transformer, config, total_steps=len(timesteps)) as cache:  # cache
-        for i, t in enumerate(timesteps):
-            cache.step(i)  # cache
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            with cache.branch("cond"):  # cache
-                noise_pred = denoiser.transformer(
-                    hidden_states=latents,
-                    timestep=timestep / 1000,
-                    guidance=guidance,
-                    pooled_projections=pooled,
-                    encoder_hidden_states=prompt_embeds,
-                    txt_ids=text_ids,
-                    img_ids=image_ids,
-                    return_dict=False,
-                )[0]
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-
-    # 3. Back to the VAE's latent layout [1, C, H/8, W/8]
-    out = FluxPipeline._unpack_latents(latents, params.height, params.width, denoiser.vae_scale_factor)
-    return out, cache.stats()  # cache
+    """FluxDenoiser.denoise with an explicit cache config (tests and the bench sweep configs that are not
+    in a model yaml): -> (latents [1, C, H/8, W/8], cache stats)."""
+    stats: dict = {}
+    latents = denoiser.denoise(embeddings, params, stats=stats, cache_config=config)
+    return latents, stats
 
 
 @torch.inference_mode()

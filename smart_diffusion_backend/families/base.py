@@ -91,8 +91,13 @@ class DenoiserStage(Stage):
 
     @abstractmethod
     def denoise(
-        self, embeddings: Embeddings, params: UserParams, on_step: StepCallback | None = None
-    ) -> torch.Tensor: ...
+        self,
+        embeddings: Embeddings,
+        params: UserParams,
+        on_step: StepCallback | None = None,
+        stats: dict | None = None,
+    ) -> torch.Tensor:
+        """-> latents. `stats`, when given, receives the request's cache counters (cache_* keys)."""
 
 
 class DecoderStage(Stage):

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..cache import CacheConfig, request_cache, validate_model_cache
 from ..params import UserParams
 from .base import DecoderStage, DenoiserStage, Embeddings, StepCallback, TextEncoderStage, to_uint8
 
@@ -47,6 +48,7 @@ class FluxDenoiser(DenoiserStage):
             model.weights, subfolder="transformer", dtype=self.dtype
         ).to(self.device)
         self.transformer.eval()
+        validate_model_cache(model.cache)  # a broken cache section fails the load, not a request
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(model.weights, subfolder="scheduler")
         vae_config = AutoencoderKL.load_config(model.weights, subfolder="vae")
         self.vae_scale_factor = _vae_scale_factor(vae_config["block_out_channels"])
@@ -83,7 +85,16 @@ class FluxDenoiser(DenoiserStage):
         return scheduler, timesteps
 
     @torch.inference_mode()
-    def denoise(self, embeddings: Embeddings, params: UserParams, on_step: StepCallback | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        embeddings: Embeddings,
+        params: UserParams,
+        on_step: StepCallback | None = None,
+        stats: dict | None = None,
+        cache_config: CacheConfig | None | str = "model",
+    ) -> torch.Tensor:
+        """`cache_config` "model": mapped from the model yaml and CACHE_RATIO; a CacheConfig or None
+        overrides it (benchmarks sweep configs that are not in any yaml)."""
         embeddings.validate()
         prompt_embeds = embeddings.prompt_embeds[:1].to(self.device, self.dtype)
         pooled = embeddings.pooled_prompt_embeds[:1].to(self.device, self.dtype)
@@ -96,22 +107,29 @@ class FluxDenoiser(DenoiserStage):
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([1], params.guidance_scale, device=self.device, dtype=torch.float32)
 
-        # 2. Denoising loop
-        for i, t in enumerate(timesteps):
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            noise_pred = self.transformer(
-                hidden_states=latents,
-                timestep=timestep / 1000,
-                guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=prompt_embeds,
-                txt_ids=text_ids,
-                img_ids=image_ids,
-                return_dict=False,
-            )[0]
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if on_step is not None:
-                on_step(i + 1, len(timesteps))
+        # 2. Denoising loop, with this request's own feature cache (none at CACHE_RATIO 0)
+        if cache_config == "model":
+            cache_config = CacheConfig.from_model_cache(self.model.cache, params.cache_ratio)
+        with request_cache(self.transformer, cache_config, total_steps=len(timesteps)) as cache:
+            for i, t in enumerate(timesteps):
+                cache.step(i)
+                timestep = t.expand(latents.shape[0]).to(latents.dtype)
+                with cache.branch("cond"):
+                    noise_pred = self.transformer(
+                        hidden_states=latents,
+                        timestep=timestep / 1000,
+                        guidance=guidance,
+                        pooled_projections=pooled,
+                        encoder_hidden_states=prompt_embeds,
+                        txt_ids=text_ids,
+                        img_ids=image_ids,
+                        return_dict=False,
+                    )[0]
+                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if on_step is not None:
+                    on_step(i + 1, len(timesteps))
+        if stats is not None:
+            stats.update(cache.stats())
 
         # 3. Back to the VAE's latent layout [1, C, H/8, W/8]
         return FluxPipeline._unpack_latents(latents, params.height, params.width, self.vae_scale_factor)

@@ -38,7 +38,9 @@ class DenoiseWorker:
             self.stage.run_branches = cfg_parallel
         ctx.heartbeat()
 
-    def denoise(self, prompt_embeds: np.ndarray, pooled: np.ndarray, params: UserParams, channel: str | None) -> torch.Tensor:
+    def denoise(
+        self, prompt_embeds: np.ndarray, pooled: np.ndarray, params: UserParams, channel: str | None
+    ) -> tuple[torch.Tensor, dict]:
         embeddings = Embeddings(torch.from_numpy(prompt_embeds), torch.from_numpy(pooled))
         reporter = StepReporter(channel) if channel and self.ctx.rank == 0 else None
 
@@ -50,8 +52,10 @@ class DenoiseWorker:
                     self.ctx.request_cancel()
             self.ctx.check_cancelled()  # collective: every rank stops at the same step
 
+        stats: dict = {}
         try:
-            return self.stage.denoise(embeddings, params, on_step=on_step).float().cpu()
+            latents = self.stage.denoise(embeddings, params, on_step=on_step, stats=stats)
+            return latents.float().cpu(), stats
         finally:
             if reporter is not None:
                 reporter.close()
@@ -80,7 +84,10 @@ class PooledDenoiser:
         )
         self.pool.start()
 
-    def denoise(self, embeddings: Embeddings, params: UserParams, channel: str | None, cancel_check: Any = None) -> torch.Tensor:
+    def denoise(
+        self, embeddings: Embeddings, params: UserParams, channel: str | None, cancel_check: Any = None
+    ) -> tuple[torch.Tensor, dict]:
+        """-> (latents, cache stats) from rank 0; every rank took the same cache decisions."""
         try:
             return self.pool.execute(
                 "denoise",
