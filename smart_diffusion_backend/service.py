@@ -158,18 +158,32 @@ class DenoiserService:
 
 
 class DecoderService:
+    """Decodes in this process, or — with several ranks and `vae_tiling` on — tiles decoded in parallel
+    by a pool of worker processes on the same devices as the denoiser's."""
+
     stage_name = "vae_decoder"
 
     def __init__(self, model: ModelParams, system: SystemParams):
         self.model, self.system = model, system
-        self.stage = load_stage("decoder", model, system)
+        self.pool = None
+        self.stage = None
+        if system.world_size > 1 and system.vae_tiling and model.task == "image":
+            from .parallel.vae_decode import PooledDecoder
+
+            self.pool = PooledDecoder(model, system)
+        else:
+            self.stage = load_stage("decoder", model, system)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
     def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         stats = read_stats(inputs)
         latents = _float_tensor(inputs, "LATENTS", 5 if self.model.task == "video" else 4)
         try:
-            pixels = self.stage.decode(latents)
+            pixels = self.pool.decode(latents) if self.pool is not None else self.stage.decode(latents)
         except ValueError as exc:
             raise ParamError("LATENTS", str(exc)) from None
         return {

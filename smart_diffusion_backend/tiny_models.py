@@ -137,5 +137,57 @@ def build_tiny_flux(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny_wan(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A tiny WanPipeline (text-to-video) with random weights: UMT5 text encoder, WanTransformer3D,
+    causal 3-D VAE (8x spatial, 4x temporal) and the UniPC flow scheduler Wan2.1 ships with."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_t5_tokenizer()
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=256,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    # Wan2.1-T2V's own scheduler config (flow-matching UniPC, shift 3.0 as for 480p).
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000,
+        solver_order=2, solver_type="bh2", lower_order_final=True, final_sigmas_type="zero",
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
+    out = Path(out_dir)
+    pipe.save_pretrained(out)
+    return out
+
+
 # model yaml name -> builder writing that model's weights directory
-TINY_BUILDERS = {"tiny-flux": build_tiny_flux}
+TINY_BUILDERS = {"tiny-flux": build_tiny_flux, "tiny-wan": build_tiny_wan}

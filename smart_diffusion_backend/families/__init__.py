@@ -13,6 +13,7 @@ StageKind = Literal["text_encoder", "denoiser", "decoder"]
 # family -> (module, text encoder class, denoiser class, decoder class)
 FAMILIES: dict[str, tuple[str, str, str, str]] = {
     "flux": ("smart_diffusion_backend.families.flux", "FluxTextEncoder", "FluxDenoiser", "FluxDecoder"),
+    "wan": ("smart_diffusion_backend.families.wan", "WanTextEncoder", "WanDenoiser", "WanDecoder"),
 }
 _KIND_INDEX = {"text_encoder": 1, "denoiser": 2, "decoder": 3}
 

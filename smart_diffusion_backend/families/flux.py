@@ -7,6 +7,8 @@ Guidance is distilled into the transformer (`guidance_embeds`); Flux has no nega
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -143,13 +145,22 @@ class FluxDecoder(DecoderStage):
         if system.vae_tiling:
             self.vae.enable_tiling()
 
-    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
+        return self.decode_with(latents, None)
+
+    @torch.inference_mode()
+    def decode_with(self, latents: torch.Tensor, tiled_decode: Callable | None) -> np.ndarray:
+        """Decode; `tiled_decode(vae, z)` replaces the VAE's own decode when the latents span several tiles
+        (the parallel decode of a pool)."""
         if latents.ndim != 4 or latents.shape[:2] != (1, self.vae.config.latent_channels):
             raise ValueError(
                 f"LATENTS: expected shape [1, {self.vae.config.latent_channels}, h, w], got {list(latents.shape)}"
             )
         latents = latents.to(self.device, self.dtype)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        image = self.vae.decode(latents, return_dict=False)[0]
+        spans_tiles = max(latents.shape[-2:]) > self.vae.tile_latent_min_size
+        if tiled_decode is not None and spans_tiles:
+            image = tiled_decode(self.vae, latents)
+        else:
+            image = self.vae.decode(latents, return_dict=False)[0]
         return to_uint8(image)[0]
