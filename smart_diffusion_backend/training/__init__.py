@@ -1,0 +1,1 @@
+"""Training the embedded default model `shapes-flux`: synthetic data, training loop, adherence analyser."""
