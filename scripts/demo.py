@@ -16,7 +16,7 @@ from smart_diffusion_backend.serving import TritonServer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("outputs/demo.png"))
-    parser.add_argument("--prompt", default="a red circle on a blue background")
+    parser.add_argument("--prompt", default="a large yellow triangle on a blue background, top left")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)

@@ -19,7 +19,7 @@ from smart_diffusion_backend.params import project_root
 from smart_diffusion_backend.repository import write_repository
 from smart_diffusion_backend.serving import TritonServer
 
-DEFAULT_MODEL, DEFAULT_SYSTEM = "tiny-flux", "cpu"
+DEFAULT_MODEL, DEFAULT_SYSTEM = "shapes-flux", "cpu"  # what model_repository/ holds
 
 
 def repository_for(models: list[str], system: str) -> Path:

@@ -89,9 +89,13 @@ def stop_server_and_check(server, shm_before=None) -> None:
 
 @pytest.fixture(scope="session")
 def server(tiny_flux, tmp_path_factory):
-    """The committed model_repository served by a real tritonserver (default pipeline, CPU)."""
+    """tiny-flux served by a real tritonserver (CPU), from a repository generated exactly as the committed
+    default one is; the tiny model keeps the bit-exactness tests fast."""
+    from smart_diffusion_backend.repository import write_repository
+
     tmp = tmp_path_factory.mktemp("server")
-    srv, shm_before = start_server(ROOT / "model_repository", tmp)
+    write_repository(tmp / "repo", ["tiny-flux"], "cpu")
+    srv, shm_before = start_server(tmp / "repo", tmp)
     try:
         yield srv
     finally:
