@@ -51,6 +51,22 @@ def build_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
+def _tiny_t5_config(tokenizer) -> dict:
+    """A 2-layer, 32-wide T5 / UMT5 encoder config over `tokenizer`'s vocabulary."""
+    return dict(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_tiny_flux(out_dir: str | Path, *, seed: int = 0) -> Path:
     """A ~0.4 M-parameter FluxPipeline with random weights (draws noise; fast enough for tests)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -85,20 +101,7 @@ def build_tiny_flux(out_dir: str | Path, *, seed: int = 0) -> Path:
             pad_token_id=clip_tokenizer.pad_token_id,
         )
     )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=t5_tokenizer.pad_token_id,
-            eos_token_id=t5_tokenizer.eos_token_id,
-            decoder_start_token_id=t5_tokenizer.pad_token_id,
-        )
-    )
+    t5 = T5EncoderModel(T5Config(**_tiny_t5_config(t5_tokenizer)))
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -145,20 +148,7 @@ def build_tiny_wan(out_dir: str | Path, *, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = build_t5_tokenizer()
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = UMT5EncoderModel(UMT5Config(**_tiny_t5_config(tokenizer)))
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
