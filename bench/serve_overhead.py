@@ -28,41 +28,39 @@ from smart_diffusion_backend.serving import TritonServer, free_port  # noqa: E40
 from smart_diffusion_backend.service import DecoderService, DenoiserService, TextEncoderService, load_params  # noqa: E402
 
 
-def in_process(model_name: str, system_name: str, request: Request, repeats: int) -> tuple[list[float], dict, np.ndarray]:
-    model, system = load_params(model_name, system_name)
-    encoder, denoiser, decoder = TextEncoderService(model, system), DenoiserService(model, system), DecoderService(model, system)
-    tensors = {name: array for name, (array, _) in request.tensors().items()}
-    text = {k: v for k, v in tensors.items() if k in ("PROMPT", "NEGATIVE_PROMPT")}
-    rest = {k: v for k, v in tensors.items() if k not in text}
-    totals, stage_times = [], {"text_encoder": [], "denoiser": [], "vae_decoder": []}
-    image = None
-    for i in range(repeats + 1):  # first run warms up
+class InProcess:
+    """The three stage services in this process: the served pipeline minus Triton."""
+
+    def __init__(self, model_name: str, system_name: str):
+        model, system = load_params(model_name, system_name)
+        self.stages = {
+            "text_encoder": TextEncoderService(model, system),
+            "denoiser": DenoiserService(model, system),
+            "vae_decoder": DecoderService(model, system),
+        }
+
+    def __call__(self, request: Request) -> tuple[float, dict, np.ndarray]:
+        tensors = {name: array for name, (array, _) in request.tensors().items()}
+        text = {k: v for k, v in tensors.items() if k in ("PROMPT", "NEGATIVE_PROMPT")}
+        rest = {k: v for k, v in tensors.items() if k not in text}
+        times = {}
         started = time.perf_counter()
         t0 = time.perf_counter()
-        encoded = encoder(text)
-        t1 = time.perf_counter()
-        denoised = denoiser({**encoded, **rest})
-        t2 = time.perf_counter()
-        image = decoder(denoised)["IMAGE"]
-        t3 = time.perf_counter()
-        if i:
-            totals.append((time.perf_counter() - started) * 1000)
-            for key, dt in zip(stage_times, (t1 - t0, t2 - t1, t3 - t2)):
-                stage_times[key].append(dt * 1000)
-    return totals, {k: statistics.median(v) for k, v in stage_times.items()}, image
+        encoded = self.stages["text_encoder"](text)
+        times["text_encoder"] = (time.perf_counter() - t0) * 1000
+        t0 = time.perf_counter()
+        denoised = self.stages["denoiser"]({**encoded, **rest})
+        times["denoiser"] = (time.perf_counter() - t0) * 1000
+        t0 = time.perf_counter()
+        image = self.stages["vae_decoder"](denoised)["IMAGE"]
+        times["vae_decoder"] = (time.perf_counter() - t0) * 1000
+        return (time.perf_counter() - started) * 1000, times, image
 
 
-def served(server: TritonServer, protocol: str, request: Request, repeats: int) -> tuple[list[float], dict, np.ndarray]:
-    url = server.http_url if protocol == "http" else server.grpc_url
-    totals, stages = [], []
-    with SmartDiffusionClient(url, protocol) as client:
-        client.infer(request)  # warm-up
-        for _ in range(repeats):
-            started = time.perf_counter()
-            result = client.infer(request)
-            totals.append((time.perf_counter() - started) * 1000)
-            stages.append(result.stats["stages_ms"])
-    return totals, {k: statistics.median(s[k] for s in stages) for k in stages[0]}, result.image
+def served_once(client: SmartDiffusionClient, request: Request) -> tuple[float, dict, np.ndarray]:
+    started = time.perf_counter()
+    result = client.infer(request)
+    return (time.perf_counter() - started) * 1000, result.stats["stages_ms"], result.image
 
 
 def main() -> None:
@@ -77,25 +75,38 @@ def main() -> None:
     args = parser.parse_args()
     request = Request(prompt="a red circle on a blue background", height=args.height, width=args.width, steps=args.steps, seed=7)
 
-    local_totals, local_stages, local_image = in_process(args.model, args.system, request, args.repeats)
+    local = InProcess(args.model, args.system)
     repo = project_root() / "build" / "bench_repository"
     write_repository(repo, [args.model], args.system)
     log = project_root() / "build" / "bench_server.log"
     server = TritonServer(repo, free_port(), free_port(), free_port(), backend_dir=project_root() / ".triton" / "backends", log_file=log)
-    with server:
-        rows = {"in-process": (local_totals, local_stages)}
-        for protocol in ("http", "grpc"):
-            totals, stages, image = served(server, protocol, request, args.repeats)
-            if not np.array_equal(image, local_image):
-                sys.exit(f"served image differs from in-process image over {protocol}")
-            rows[f"served {protocol}"] = (totals, stages)
+    samples: dict[str, list[tuple[float, dict]]] = {"in-process": [], "served http": [], "served grpc": []}
+    with server, SmartDiffusionClient(server.http_url, "http") as http, SmartDiffusionClient(server.grpc_url, "grpc") as grpc:
+        paths = {"in-process": local, "served http": lambda r: served_once(http, r), "served grpc": lambda r: served_once(grpc, r)}
+        reference = None
+        # Interleaved, one request per path per round: background load hits all paths alike.
+        for round_index in range(args.repeats + 1):  # round 0 warms up
+            for name, run in paths.items():
+                total, stages, image = run(request)
+                if reference is None:
+                    reference = image
+                elif not np.array_equal(image, reference):
+                    sys.exit(f"{name}: image differs from the in-process image")
+                if round_index:
+                    samples[name].append((total, stages))
+    rows = {
+        name: ([t for t, _ in runs], {k: statistics.median(s[k] for _, s in runs) for k in runs[0][1]})
+        for name, runs in samples.items()
+    }
+    local_totals = rows["in-process"][0]
 
     base = statistics.median(local_totals)
     lines = [
         f"# Serving overhead: {args.model}, {args.height}x{args.width}, {args.steps} steps, system {args.system}",
         "",
         f"Machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"median of {args.repeats} warm requests; served images equal the in-process image.",
+        f"median of {args.repeats} warm requests per path, interleaved round-robin (in-process, HTTP, gRPC) so "
+        "background load hits every path alike; served images equal the in-process image.",
         f"Command: `.venv/bin/python bench/serve_overhead.py --model {args.model} --system {args.system} "
         f"--height {args.height} --width {args.width} --steps {args.steps} --repeats {args.repeats}`",
         "",

@@ -138,7 +138,7 @@ def test_shipped_model_yamls_load(name):
     assert model.steps.min <= model.default_steps <= model.steps.max
 
 
-@pytest.mark.parametrize("name", ["cpu", "cpu-sp2", "cpu-ring2", "gpu-1", "gpu-2", "gpu-4", "gpu-4-hybrid", "gpu-2-cfg"])
+@pytest.mark.parametrize("name", ["cpu", "cpu-1thread", "cpu-sp2", "cpu-ring2", "gpu-1", "gpu-2", "gpu-4", "gpu-4-hybrid", "gpu-2-cfg"])
 def test_shipped_system_yamls_load(name):
     assert SystemParams.load(name).world_size >= 1
 
