@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-MODEL ?= tiny-flux
+MODEL ?= shapes-flux
 SYSTEM ?= cpu
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
@@ -11,7 +11,7 @@ METRICS_PORT ?= 8002
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install weights repository demo serve test test-fast clean
+.PHONY: install weights repository demo serve test test-fast clean bench-serve soak
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ weights: install
 
 # Regenerate the committed default repository's configs (a test checks they are current).
 repository: install
-	$(PY) -c "from smart_diffusion_backend.repository import write_repository; write_repository('model_repository', ['tiny-flux'], 'cpu')"
+	$(PY) -c "from smart_diffusion_backend.repository import *; write_repository('model_repository', [DEFAULT_MODEL], DEFAULT_SYSTEM)"
 
 demo: weights
 	$(PY) scripts/demo.py --out outputs/demo.png --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
@@ -43,3 +43,17 @@ test-fast: weights
 
 clean:
 	rm -rf build outputs .triton
+
+# Serving throughput vs concurrency (bench client + perf_analyzer); results to bench/results/.
+.pa/bin/perf_analyzer:
+	dpkg -s libb64-0d >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q libb64-0d)
+	$(PYTHON) -m venv .pa
+	.pa/bin/pip install -q --no-deps tritonclient==2.51.0 nvidia-cuda-runtime-cu12==12.9.79
+
+bench-serve: weights .pa/bin/perf_analyzer
+	$(PY) scripts/bench_serve.py --out bench/results/serve-throughput-cpu.md
+
+# Mixed valid/invalid load at concurrency 8 for SOAK_S seconds; summary to bench/results/soak-cpu.md.
+SOAK_S ?= 600
+soak: weights
+	$(PY) scripts/soak.py --duration-s $(SOAK_S) --concurrency 8 --out bench/results/soak-cpu.md

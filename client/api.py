@@ -143,7 +143,8 @@ class SmartDiffusionClient:
         output = output or self.pixel_output(model)
         outputs = [self._module.InferRequestedOutput(output), self._module.InferRequestedOutput("STATS")]
         try:
-            kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+            # gRPC: a deadline; HTTP: the request's own timeout, so the server stops work a client gave up on.
+            kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {"timeout": int(self.timeout_s * 1e6)}
             result = self._client.infer(self.model_name(model), self._inputs(request), outputs=outputs, **kwargs)
         except Exception as exc:  # tritonclient raises InferenceServerException
             raise _generation_error(exc) from None
@@ -174,7 +175,10 @@ class SmartDiffusionClient:
         progress: list[tuple[int, int]] = []
         finished = False  # the final response (or error) arrived: nothing left to cancel server-side
         try:
-            self._client.async_stream_infer(self.model_name(model), self._inputs(request))
+            try:
+                self._client.async_stream_infer(self.model_name(model), self._inputs(request))
+            except Exception as exc:  # a broken stream raises InferenceServerException here
+                raise _generation_error(exc) from None
             while True:
                 result, error = responses.get(timeout=self.timeout_s)
                 if error is not None:

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 from smart_diffusion_backend.params import project_root
-from smart_diffusion_backend.repository import write_repository
+from smart_diffusion_backend.repository import DEFAULT_MODEL, DEFAULT_SYSTEM, write_repository
 from smart_diffusion_backend.serving import TritonServer
 
-DEFAULT_MODEL, DEFAULT_SYSTEM = "shapes-flux", "cpu"  # what model_repository/ holds
 
 
 def repository_for(models: list[str], system: str) -> Path:
@@ -39,12 +38,19 @@ def main() -> None:
     parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", 8001)))
     parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8002)))
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument(
+        "--model-control-mode", choices=("none", "explicit"), default=os.environ.get("MODEL_CONTROL_MODE", "none"),
+        help="explicit: every model loaded at start, and later loads/unloads through the repository API "
+        "(hot upgrade: scripts/hot_upgrade.py, docs/operations.md)",
+    )
     args = parser.parse_args()
 
     repo = repository_for([m for m in args.model.split(",") if m], args.system)
     server = TritonServer(
         repo, args.http_port, args.grpc_port, args.metrics_port, host=args.host,
         backend_dir=project_root() / ".triton" / "backends", log_file=None,
+        model_control_mode=args.model_control_mode,
+        load_models=("*",) if args.model_control_mode == "explicit" else (),
     )
     print(f"serving {repo} (model={args.model}, system={args.system}) on http {server.http_url}, grpc {server.grpc_url}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -161,6 +161,8 @@ class SystemParams:
     torch_threads: int = 0  # 0 = torch's default
     compile_transformer: bool = False
     vae_tiling: bool = False
+    # Requests waiting per entry model (FIFO) before new ones are refused with UNAVAILABLE; 0 = unbounded.
+    max_queue_size: int = 0
 
     @property
     def world_size(self) -> int:
@@ -194,6 +196,7 @@ class SystemParams:
             (self.cfg_degree in (1, 2), f"cfg_degree={self.cfg_degree} must be 1 or 2"),
             (self.max_pixels_per_request > 0, "max_pixels_per_request must be > 0"),
             (self.max_steps > 0, "max_steps must be > 0"),
+            (self.max_queue_size >= 0, "max_queue_size must be >= 0 (0: unbounded)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -124,6 +124,27 @@ def mapped_shm_regions(pids: set[int]) -> set[str]:
     return regions
 
 
+def rss_bytes(pids: set[int]) -> dict[int, int]:
+    """Resident set size of each live process (from /proc/PID/status)."""
+    sizes = {}
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    sizes[pid] = int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return sizes
+
+
+def process_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 @dataclass
 class TritonServer:
     """A tritonserver subprocess. Use as a context manager, or start()/stop()."""
@@ -137,6 +158,10 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     exit_timeout_s: int = 20
+    # "none": load the whole repository at start (default). "explicit": only `load_models` ("*" =
+    # all) at start, then load/unload through the repository API (hot upgrade, scripts/hot_upgrade.py).
+    model_control_mode: str = "none"
+    load_models: tuple[str, ...] = ()
     process: subprocess.Popen | None = None
 
     @property
@@ -161,8 +186,24 @@ class TritonServer:
             "--pinned-memory-pool-byte-size=0",  # CPU-only hosts have no pinned memory to give
             "--allow-gpu-metrics=false",
             f"--exit-timeout-secs={self.exit_timeout_s}",
+            *self._model_control_args(),
             *self.extra_args,
         ]
+
+    def _model_control_args(self) -> list[str]:
+        if self.model_control_mode not in ("none", "poll", "explicit"):
+            raise ServerError(f"model_control_mode={self.model_control_mode!r}; allowed: none, poll, explicit")
+        if self.model_control_mode == "none":
+            if self.load_models:
+                raise ServerError("load_models needs model_control_mode='explicit'")
+            return []
+        return [f"--model-control-mode={self.model_control_mode}", *(f"--load-model={m}" for m in self.load_models)]
+
+    def process_tree(self) -> set[int]:
+        """The server and every process under it (stubs, pool workers)."""
+        if self.process is None:
+            return set()
+        return child_pids(self.process.pid) | {self.process.pid}
 
     def start(self, ready_timeout_s: float = 120.0) -> "TritonServer":
         prepare_backend_dir(Path(self.backend_dir))

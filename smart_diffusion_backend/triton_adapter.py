@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .params import ConfigError, ParamError, parse_user_params
-from .progress import DenoiseCancelled
+from .progress import DenoiseCancelled, StepChannel
 from .wire import output_name, read_stats, stats_tensor
 
 logger = logging.getLogger("smart_diffusion")
@@ -118,15 +120,38 @@ def error_response(pb, exc: BaseException, model_name: str):
     return pb.InferenceResponse(error=error_for(pb, exc, model_name))
 
 
-def execute_each(pb, requests, model_name: str, handle: Callable[[Any], Mapping[str, np.ndarray]]) -> list:
-    """One response per request; one request's failure never fails the others."""
+def execute_each(
+    pb, requests, model_name: str, handle: Callable[[Any], Mapping[str, np.ndarray]], metrics: Any = None, stage: str = ""
+) -> list:
+    """One response per request; one request's failure never fails the others.
+
+    With `metrics` (a ServingMetrics), each request's latency is observed under `stage` and its
+    outcome counted.
+    """
     responses = []
     for request in requests:
+        started = time.perf_counter()
         try:
             responses.append(response(pb, handle(request)))
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
             responses.append(error_response(pb, exc, model_name))
+        if metrics is not None:
+            metrics.observe_stage(stage, time.perf_counter() - started)
+            metrics.count_responses(responses[-1:])
     return responses
+
+
+def request_timeout_s(request) -> float | None:
+    """The request's own timeout (HTTP/gRPC parameter `timeout`, microseconds) in seconds, if set.
+
+    The orchestrators stop a request past it, so a client that gives up (HTTP has no disconnect
+    signal in this Triton) can still bound the server's work.
+    """
+    try:
+        micros = int(request.timeout())
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return micros / 1e6 if micros > 0 else None
 
 
 class StageError(RuntimeError):
@@ -187,15 +212,42 @@ __all__ = [
     "ModelSetup",
     "STAGE_MODEL_KEYS",
     "load_or_fail",
+    "load_orchestrator",
     "load_service",
+    "pool_restarts",
     "setup",
     "model_parameters",
     "read_inputs",
+    "request_timeout_s",
     "required_parameter",
     "response",
     "text_tensors",
     "user_param_tensors",
 ]
+
+
+def load_orchestrator(pb, args: Mapping[str, str]) -> tuple[ModelSetup, "PipelineOrchestrator"]:
+    """initialize() of both orchestrators: their config, and the pipeline over the stage models it names."""
+    from .params import ModelParams, SystemParams
+
+    model_setup = setup(pb, args, STAGE_MODEL_KEYS)
+    pipeline = load_or_fail(
+        pb,
+        model_setup.name,
+        lambda: PipelineOrchestrator(
+            pb,
+            ModelParams.load(model_setup.model_config),
+            SystemParams.load(model_setup.system_config),
+            model_setup.extra,
+        ),
+    )
+    return model_setup, pipeline
+
+
+def pool_restarts(service: Any) -> int:
+    """How many times a denoiser's worker pool was respawned (0 without a pool)."""
+    pool = getattr(getattr(service, "pool", None), "pool", None)
+    return max(0, int(getattr(pool, "starts", 1)) - 1) if pool is not None else 0
 
 
 class PipelineOrchestrator:
@@ -211,21 +263,107 @@ class PipelineOrchestrator:
     def parse(self, inputs: Mapping[str, np.ndarray]):
         return parse_user_params(inputs, self.model, self.system)
 
-    def run(self, params, progress_channel: str | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self,
+        params,
+        on_progress: Callable[[int, int], None] | None = None,
+        cancel_check: Callable[[], bool] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The three BLS calls. `on_progress(step, total)` after every denoising step; a request whose
+        `cancel_check` turns True (client cancel or disconnect) or that runs past `timeout_s` stops
+        within one denoising step (the denoiser hears it on the step channel), or before the next stage."""
         started = time.perf_counter()
+        stop = _StopCondition(cancel_check, started + timeout_s if timeout_s else None, timeout_s)
         encoded = call_stage(
             self.pb,
             self.stage_models["text_encoder_model"],
             text_tensors(params),
             ["PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS", "STATS"],
         )
+        stop.check("before denoising")
         denoise_inputs = {**encoded, **user_param_tensors(params)}
-        if progress_channel is not None:
-            denoise_inputs["PROGRESS_CHANNEL"] = np.array([progress_channel.encode()], dtype=np.object_)
-        denoised = call_stage(self.pb, self.stage_models["denoiser_model"], denoise_inputs, ["LATENTS", "STATS"])
+        with StepChannel() as channel, _StepRelay(channel, on_progress, stop):
+            denoise_inputs["PROGRESS_CHANNEL"] = np.array([channel.address.encode()], dtype=np.object_)
+            try:
+                denoised = call_stage(
+                    self.pb, self.stage_models["denoiser_model"], denoise_inputs, ["LATENTS", "STATS"]
+                )
+            except StageError as exc:
+                why = stop.reason()
+                if why is None:
+                    raise
+                raise DenoiseCancelled(f"{why}; the denoiser stopped: {exc.message}") from None
+        stop.check("before decoding")
         decoded = call_stage(self.pb, self.stage_models["vae_decoder_model"], denoised, [self.output, "STATS"])
 
         stats = read_stats(decoded)
         stats["total_ms"] = round((time.perf_counter() - started) * 1000, 3)
         stats["orchestration_ms"] = round(stats["total_ms"] - sum(stats.get("stages_ms", {}).values()), 3)
         return {self.output: decoded[self.output], "STATS": stats_tensor(stats)}
+
+
+class _StopCondition:
+    """Why a request should stop now (client cancel, its own timeout), or None."""
+
+    def __init__(self, cancel_check: Callable[[], bool] | None, deadline: float | None, timeout_s: float | None):
+        self.cancel_check, self.deadline, self.timeout_s = cancel_check, deadline, timeout_s
+
+    def reason(self) -> str | None:
+        if self.cancel_check is not None and self.cancel_check():
+            return "cancelled by the client"
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            return f"request timeout of {self.timeout_s:g} s exceeded"
+        return None
+
+    def check(self, where: str) -> None:
+        why = self.reason()
+        if why:
+            raise DenoiseCancelled(f"{why} {where}")
+
+
+_WAKE_UP = (0, 0)  # a step message no denoiser sends (steps count from 1)
+
+
+class _StepRelay:
+    """A thread that, while the denoiser's BLS call is in flight, relays its step messages to
+    `on_progress` and sends `cancel` back on the channel as soon as the request should stop."""
+
+    POLL_S = 0.05  # well below one denoising step
+
+    def __init__(self, channel: StepChannel, on_progress: Callable[[int, int], None] | None, stop: _StopCondition):
+        self.channel, self.on_progress, self.stop = channel, on_progress, stop
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="step-relay")
+
+    def _loop(self) -> None:
+        cancel_sent = False
+        while True:
+            update = self.channel.receive(timeout_s=self.POLL_S)
+            if update == _WAKE_UP:
+                update = None
+            if update is not None and self.on_progress is not None:
+                try:
+                    self.on_progress(*update)
+                except Exception:  # noqa: BLE001 - a response that cannot be sent: the client is gone
+                    logger.warning("progress response could not be sent; stopping the request", exc_info=True)
+                    self.stop.cancel_check = lambda: True
+            elif update is None and self.done.is_set():
+                return
+            # The denoiser's address is known after its first step message; until then cancel() is False.
+            if not cancel_sent and self.stop.reason() is not None:
+                cancel_sent = self.channel.cancel()
+
+    def __enter__(self) -> "_StepRelay":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        # Wake the relay now rather than at its next receive timeout (50 ms added to every request).
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waker:
+            try:
+                waker.sendto(json.dumps({"step": _WAKE_UP[0], "total": _WAKE_UP[1]}).encode(), "\0" + self.channel.address)
+            except OSError:
+                pass  # the relay still ends at its receive timeout
+        self.thread.join()

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smart_diffusion_backend.repository import ALL_MODELS, model_configs, PipelineEntry, write_repository
+from smart_diffusion_backend.repository import (
+    ALL_MODELS,
+    DEFAULT_MODEL,
+    DEFAULT_SYSTEM,
+    PipelineEntry,
+    model_configs,
+    write_repository,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_committed_repository_matches_the_generator():
-    generated = model_configs(PipelineEntry("tiny-flux", ""), "cpu")
+    generated = model_configs(PipelineEntry(DEFAULT_MODEL, ""), DEFAULT_SYSTEM)
     for name in ALL_MODELS:
         committed = (ROOT / "model_repository" / name / "config.pbtxt").read_text()
         assert committed == generated[name], f"model_repository/{name}/config.pbtxt is stale: run make repository"

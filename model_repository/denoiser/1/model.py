@@ -1,15 +1,17 @@
 """denoiser: text embeddings + user params -> latents. Thin adapter over DenoiserService.
 
-PROGRESS_CHANNEL (optional, set by the streaming orchestrator) names a step channel: one progress
-message per step goes there, and a cancel message coming back stops the loop within one step.
+PROGRESS_CHANNEL (optional, set by the orchestrators) names a step channel: one progress message
+per step goes there, and a cancel message coming back stops the loop within one step.
 With more than one rank in the system params the loop runs in a worker pool owned by this model
-(spawned in initialize, stopped in finalize).
+(spawned in initialize, stopped in finalize). Steps, cache skips and pool restarts go to metrics.
 """
 
 import triton_python_backend_utils as pb_utils
 
 from smart_diffusion_backend import triton_adapter as adapter
+from smart_diffusion_backend.metrics import ServingMetrics
 from smart_diffusion_backend.service import DenoiserService
+from smart_diffusion_backend.wire import read_stats
 
 
 class TritonPythonModel:
@@ -17,15 +19,22 @@ class TritonPythonModel:
         self.setup = adapter.setup(pb_utils, args)
         self.service = adapter.load_service(pb_utils, self.setup, DenoiserService)
         self.inputs = [n for n in self.setup.inputs if n != "PROGRESS_CHANNEL"]
+        self.metrics = ServingMetrics(pb_utils, args, self.setup.name)
 
     def _denoise(self, request):
         inputs = adapter.read_inputs(pb_utils, request, self.inputs)
         channel = pb_utils.get_input_tensor_by_name(request, "PROGRESS_CHANNEL")
         address = channel.as_numpy().reshape(-1)[0].decode() if channel is not None else None
-        return self.service(inputs, progress_channel=address, cancel_check=request.is_cancelled)
+        with self.metrics.in_flight():
+            outputs = self.service(inputs, progress_channel=address, cancel_check=request.is_cancelled)
+        self.metrics.observe_denoise(read_stats(outputs))
+        return outputs
 
     def execute(self, requests):
-        return adapter.execute_each(pb_utils, requests, self.setup.name, self._denoise)
+        responses = adapter.execute_each(pb_utils, requests, self.setup.name, self._denoise, self.metrics, "denoiser")
+        self.metrics.set_pool_restarts(adapter.pool_restarts(self.service))
+        return responses
 
     def finalize(self):
+        self.metrics.close()
         self.service.close()  # stops the worker pool, if any
