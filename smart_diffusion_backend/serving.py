@@ -78,10 +78,20 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+_ports_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one this process handed out before: the kernel may offer a port
+    again as soon as the probe socket closes, and a server given the same port twice cannot start."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_handed_out:
+            _ports_handed_out.add(port)
+            return port
+    raise ServerError("no free loopback port found")
 
 
 def shm_regions() -> set[str]:
@@ -231,10 +241,18 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
-            if self.is_ready():
+            # The metrics endpoint starts after HTTP: a scrape right after "ready" could be refused.
+            if self.is_ready() and self._metrics_listening():
                 return
             time.sleep(0.2)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s; killed it:\n{self.log_tail()}")
+
+    def _metrics_listening(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.metrics_port), timeout=2):
+                return True
+        except OSError:
+            return False
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_file or not Path(self.log_file).exists():

@@ -316,13 +316,16 @@ def test_interleaved_flux_requests(flux):
     # generators: run both loops as coroutines, one transformer call at a time
     gens = [_flux_steps(flux, emb1, p1, cfg), _flux_steps(flux, emb2, p2, None)]
     outs = [None, None]
-    while any(o is None for o in outs):
-        for k, g in enumerate(gens):
-            if outs[k] is None:
-                try:
-                    next(g)
-                except StopIteration as stop:
-                    outs[k] = stop.value
+    # Grad mode is a per-thread stack: entered once here, not inside the interleaved generators, whose
+    # out-of-order exits would otherwise leave inference mode switched on for later tests.
+    with torch.inference_mode():
+        while any(o is None for o in outs):
+            for k, g in enumerate(gens):
+                if outs[k] is None:
+                    try:
+                        next(g)
+                    except StopIteration as stop:
+                        outs[k] = stop.value
     assert torch.equal(outs[0], solo1) and torch.equal(outs[1], solo2)
 
 
@@ -335,7 +338,7 @@ def _flux_steps(denoiser, embeddings, params, config):
     scheduler, timesteps = denoiser.make_scheduler(params.steps, latents.shape[1])
     guidance = torch.full([1], params.guidance_scale)
     session = request_cache(denoiser.transformer, config, len(timesteps))
-    with session, torch.inference_mode():
+    with session:
         for i, t in enumerate(timesteps):
             session.step(i)
             with session.branch("cond"):
