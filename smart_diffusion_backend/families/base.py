@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..cache import CacheConfig, validate_model_cache
 from ..params import ModelParams, SystemParams, UserParams
 from ..progress import DenoiseCancelled  # noqa: F401  (re-exported: step callbacks raise it)
 
@@ -89,6 +90,17 @@ class DenoiserStage(Stage):
 
     run_branches: BranchRunner = staticmethod(run_branches_sequentially)
 
+    def __init__(self, model: ModelParams, system: SystemParams):
+        super().__init__(model, system)
+        validate_model_cache(model.cache)  # a broken cache section fails the load, not a request
+
+    def cache_config_for(self, params: UserParams, override: CacheConfig | None | str = "model") -> CacheConfig | None:
+        """This request's cache: "model" maps CACHE_RATIO through the model yaml's `cache:` section;
+        a CacheConfig or None overrides it (benchmarks sweep configs that are not in any yaml)."""
+        if override == "model":
+            return CacheConfig.from_model_cache(self.model.cache, params.cache_ratio)
+        return override
+
     @abstractmethod
     def denoise(
         self,
@@ -101,6 +113,15 @@ class DenoiserStage(Stage):
 
 
 class DecoderStage(Stage):
+    def load_vae(self, vae_class: type) -> torch.nn.Module:
+        """The directory's VAE on this stage's device and dtype; tiled decoding when the system asks
+        (diffusers' `enable_tiling`: spatial tiles, blended overlaps)."""
+        vae = vae_class.from_pretrained(self.model.weights, subfolder="vae", dtype=self.dtype).to(self.device)
+        vae.eval()
+        if self.system.vae_tiling:
+            vae.enable_tiling()
+        return vae
+
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> np.ndarray: ...
 

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..cache import CacheConfig, request_cache, validate_model_cache
+from ..cache import CacheConfig, request_cache
 from ..params import UserParams
 from .base import DecoderStage, DenoiserStage, Embeddings, StepCallback, TextEncoderStage, to_uint8
 
@@ -50,7 +50,6 @@ class FluxDenoiser(DenoiserStage):
             model.weights, subfolder="transformer", dtype=self.dtype
         ).to(self.device)
         self.transformer.eval()
-        validate_model_cache(model.cache)  # a broken cache section fails the load, not a request
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(model.weights, subfolder="scheduler")
         vae_config = AutoencoderKL.load_config(model.weights, subfolder="vae")
         self.vae_scale_factor = _vae_scale_factor(vae_config["block_out_channels"])
@@ -110,8 +109,7 @@ class FluxDenoiser(DenoiserStage):
             guidance = torch.full([1], params.guidance_scale, device=self.device, dtype=torch.float32)
 
         # 2. Denoising loop, with this request's own feature cache (none at CACHE_RATIO 0)
-        if cache_config == "model":
-            cache_config = CacheConfig.from_model_cache(self.model.cache, params.cache_ratio)
+        cache_config = self.cache_config_for(params, cache_config)
         with request_cache(self.transformer, cache_config, total_steps=len(timesteps)) as cache:
             for i, t in enumerate(timesteps):
                 cache.step(i)
@@ -140,10 +138,7 @@ class FluxDenoiser(DenoiserStage):
 class FluxDecoder(DecoderStage):
     def __init__(self, model, system):
         super().__init__(model, system)
-        self.vae = AutoencoderKL.from_pretrained(model.weights, subfolder="vae", dtype=self.dtype).to(self.device)
-        self.vae.eval()
-        if system.vae_tiling:
-            self.vae.enable_tiling()
+        self.vae = self.load_vae(AutoencoderKL)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         return self.decode_with(latents, None)

@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, WanPipeline, WanTransformer3DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..cache import CacheConfig, request_cache, validate_model_cache
+from ..cache import CacheConfig, request_cache
 from ..params import ParamError, UserParams
 from .base import DecoderStage, DenoiserStage, Embeddings, StepCallback, TextEncoderStage, to_uint8
 
@@ -73,7 +73,6 @@ class WanDenoiser(DenoiserStage):
         if self.transformer_2 is not None:
             self.transformer_2.eval()
         self.expand_timesteps = bool(index.get("expand_timesteps", False))
-        validate_model_cache(model.cache)  # a broken cache section fails the load, not a request
 
         # The scheduler class the directory names (UniPC for Wan2.1, FlowMatchEuler in some ports).
         self.scheduler_class = getattr(diffusers, index["scheduler"][1])
@@ -159,8 +158,7 @@ class WanDenoiser(DenoiserStage):
 
         # 6. Denoising loop, with this request's own feature cache (none at CACHE_RATIO 0); one session per
         # transformer (Wan2.2 has two experts), one cache state per CFG branch.
-        if cache_config == "model":
-            cache_config = CacheConfig.from_model_cache(self.model.cache, params.cache_ratio)
+        cache_config = self.cache_config_for(params, cache_config)
         with contextlib.ExitStack() as stack:
             caches = [
                 stack.enter_context(request_cache(m, cache_config, total_steps=len(timesteps)))
@@ -214,12 +212,9 @@ class WanDenoiser(DenoiserStage):
 class WanDecoder(DecoderStage):
     def __init__(self, model, system):
         super().__init__(model, system)
-        self.vae = AutoencoderKLWan.from_pretrained(model.weights, subfolder="vae", dtype=self.dtype).to(self.device)
-        self.vae.eval()
-        if system.vae_tiling:
-            # Spatial tiles (diffusers' defaults: 256 px, stride 192, blended); time is already decoded
-            # one latent frame at a time with the causal cache, so activations stay tile x 4 frames.
-            self.vae.enable_tiling()
+        # With vae_tiling: spatial tiles (diffusers' defaults: 256 px, stride 192, blended); time is already
+        # decoded one latent frame at a time with the causal cache, so activations stay tile x 4 frames.
+        self.vae = self.load_vae(AutoencoderKLWan)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
