@@ -256,6 +256,15 @@ def _serve(rank: int, state: Any, conn: mp_connection.Connection) -> None:
 # ---- parent side --------------------------------------------------------------------------------------
 
 
+# A process whose sentinel fired is exiting, but tearing down a large address space (a loaded model)
+# can take a while on a busy host; wait this long for its exit code before reporting it.
+REAP_TIMEOUT_S = 10.0
+
+
+def _reap(process: Any) -> None:
+    process.join(timeout=REAP_TIMEOUT_S)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -411,7 +420,7 @@ class WorkerPool:
                     status, payload = _recv(conn)
                 except (EOFError, OSError):
                     proc = self._workers[rank].process
-                    proc.join(timeout=1.0)
+                    _reap(proc)
                     raise WorkerDiedError(
                         f"worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode} during start-up"
                     ) from None
@@ -432,7 +441,7 @@ class WorkerPool:
                     return
                 dead = [sentinels[s] for s in ready if s in sentinels]
                 for w in dead:
-                    w.process.join(timeout=1.0)
+                    _reap(w.process)
                     why = f"worker rank {w.rank} (pid {w.process.pid}) exited with code {w.process.exitcode}"
                     if self._broken is None:
                         self._broken = why
@@ -593,7 +602,7 @@ class WorkerPool:
             dead = [sentinels[s] for s in ready if s in sentinels]
             if dead:
                 for w in dead:
-                    w.process.join(timeout=1.0)
+                    _reap(w.process)
                 desc = ", ".join(f"rank {w.rank} (pid {w.process.pid}) exit code {w.process.exitcode}" for w in dead)
                 self._broken = f"worker died: {desc}"
                 raise WorkerDiedError(
