@@ -2,9 +2,14 @@
 
     .venv/bin/python bench/serve_overhead.py --height 256 --width 256 --steps 4 --repeats 10 \
         [--model tiny-flux --system cpu] [--out bench/results/serve-overhead-cpu.md]
+    # GPU, real-architecture FLUX.1-dev (bench/random_weights.py), two copies would not fit one card:
+    python bench/serve_overhead.py --model flux1-dev --system gpu-1 --height 1024 --width 1024 \
+        --steps 28 --repeats 3 --sequential --ready-timeout 900
 
 In-process: the three stage services called back to back in this process (what the server runs,
 minus Triton). Served: `smart_diffusion` over HTTP and gRPC on a real tritonserver. Both warm; medians.
+Paths run interleaved round-robin (background load hits all alike), or with --sequential the in-process
+stages are measured first and released before the server loads its own copy.
 """
 
 from __future__ import annotations
@@ -56,11 +61,48 @@ class InProcess:
         times["vae_decoder"] = (time.perf_counter() - t0) * 1000
         return (time.perf_counter() - started) * 1000, times, image
 
+    def close(self) -> None:
+        """Stop the pools and give the device memory back (the server loads its own copy next)."""
+        import gc
+
+        import torch
+
+        for stage in self.stages.values():
+            if hasattr(stage, "close"):
+                stage.close()
+        self.stages.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
 
 def served_once(client: SmartDiffusionClient, request: Request) -> tuple[float, dict, np.ndarray]:
     started = time.perf_counter()
     result = client.infer(request)
     return (time.perf_counter() - started) * 1000, result.stats["stages_ms"], result.image
+
+
+def run_rounds(paths: dict, request: Request, repeats: int, samples: dict, state: dict) -> None:
+    """Round 0 warms every path up; the served images must equal the first (in-process) image."""
+    for round_index in range(repeats + 1):
+        for name, run in paths.items():
+            total, stages, image = run(request)
+            if state.get("reference") is None:
+                state["reference"] = image
+            elif not np.array_equal(image, state["reference"]):
+                diff = np.abs(image.astype(np.int16) - state["reference"].astype(np.int16)).max()
+                state.setdefault("mismatch", []).append(f"{name} (max |diff| {diff})")
+            if round_index:
+                samples[name].append((total, stages))
+
+
+def machine_line() -> str:
+    import torch
+
+    line = f"Machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        line += f", {torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}"
+    return line
 
 
 def main() -> None:
@@ -72,6 +114,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--sequential", action="store_true", help="in-process first, released before the server loads")
+    parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds for the server to load the model")
     args = parser.parse_args()
     request = Request(prompt="a red circle on a blue background", height=args.height, width=args.width, steps=args.steps, seed=7)
 
@@ -81,19 +125,22 @@ def main() -> None:
     log = project_root() / "build" / "bench_server.log"
     server = TritonServer(repo, free_port(), free_port(), free_port(), backend_dir=project_root() / ".triton" / "backends", log_file=log)
     samples: dict[str, list[tuple[float, dict]]] = {"in-process": [], "served http": [], "served grpc": []}
-    with server, SmartDiffusionClient(server.http_url, "http") as http, SmartDiffusionClient(server.grpc_url, "grpc") as grpc:
-        paths = {"in-process": local, "served http": lambda r: served_once(http, r), "served grpc": lambda r: served_once(grpc, r)}
-        reference = None
-        # Interleaved, one request per path per round: background load hits all paths alike.
-        for round_index in range(args.repeats + 1):  # round 0 warms up
-            for name, run in paths.items():
-                total, stages, image = run(request)
-                if reference is None:
-                    reference = image
-                elif not np.array_equal(image, reference):
-                    sys.exit(f"{name}: image differs from the in-process image")
-                if round_index:
-                    samples[name].append((total, stages))
+    state: dict = {}
+    if args.sequential:
+        run_rounds({"in-process": local}, request, args.repeats, samples, state)
+        local.close()
+        del local
+    started = time.perf_counter()
+    server.start(ready_timeout_s=args.ready_timeout)
+    load_s = time.perf_counter() - started
+    try:
+        with SmartDiffusionClient(server.http_url, "http") as http, SmartDiffusionClient(server.grpc_url, "grpc") as grpc:
+            paths = {"served http": lambda r: served_once(http, r), "served grpc": lambda r: served_once(grpc, r)}
+            if not args.sequential:
+                paths = {"in-process": local, **paths}
+            run_rounds(paths, request, args.repeats, samples, state)
+    finally:
+        exit_code = server.stop()
     rows = {
         name: ([t for t, _ in runs], {k: statistics.median(s[k] for _, s in runs) for k in runs[0][1]})
         for name, runs in samples.items()
@@ -104,11 +151,13 @@ def main() -> None:
     lines = [
         f"# Serving overhead: {args.model}, {args.height}x{args.width}, {args.steps} steps, system {args.system}",
         "",
-        f"Machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"median of {args.repeats} warm requests per path, interleaved round-robin (in-process, HTTP, gRPC) so "
-        "background load hits every path alike; served images equal the in-process image.",
-        f"Command: `.venv/bin/python bench/serve_overhead.py --model {args.model} --system {args.system} "
-        f"--height {args.height} --width {args.width} --steps {args.steps} --repeats {args.repeats}`",
+        f"{machine_line()}; median of {args.repeats} warm requests per path, "
+        + ("in-process first, then the server (--sequential)" if args.sequential
+           else "interleaved round-robin (in-process, HTTP, gRPC) so background load hits every path alike")
+        + "; " + ("served images equal the in-process image." if not state.get("mismatch")
+                  else f"IMAGES DIFFER from the in-process image: {', '.join(state['mismatch'])}."),
+        f"Server: ready {load_s:.1f} s after start (model load included), exit code {exit_code}.",
+        f"Command: `python {' '.join(sys.argv)}`",
         "",
         "| path | total ms (median) | min | max | text_encoder ms | denoiser ms | vae_decoder ms | overhead vs in-process |",
         "|---|---|---|---|---|---|---|---|",

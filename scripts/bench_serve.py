@@ -109,14 +109,14 @@ def perf_analyzer(server: TritonServer, run: dict, input_file: Path, concurrency
     return results
 
 
-def bench_system(system: str, request: Request, levels: list[int], n: int, use_perf_analyzer: bool) -> dict:
+def bench_system(model_name: str, system: str, request: Request, levels: list[int], n: int, use_perf_analyzer: bool) -> dict:
     work = ROOT / "build" / "bench-serve" / system
     repo = work / "repo"
-    write_repository(repo, ["tiny-flux"], system)
+    write_repository(repo, [model_name], system)
     server = TritonServer(repo, free_port(), free_port(), free_port(), backend_dir=ROOT / ".triton" / "backends",
                           log_file=work / "tritonserver.log")
     server.start(ready_timeout_s=600)
-    report: dict = {"request": request.__dict__, "system": system, "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
+    report: dict = {"request": request.__dict__, "model": model_name, "system": system, "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
     try:
         report["serial"] = serial(server, request, n)
         slowest = max(v for k, v in report["serial"]["stage_ms"].items() if k != "total")
@@ -150,6 +150,7 @@ def main() -> int:
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--model", default="tiny-flux", help="model yaml served")
     parser.add_argument("--systems", default="cpu,cpu-1thread", help="system yamls, one server each")
     parser.add_argument("--requests", type=int, default=24, help="per measurement")
     parser.add_argument("--concurrency", default="1,2,4,8")
@@ -158,7 +159,7 @@ def main() -> int:
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     request = Request(prompt="a red circle on a blue background", height=args.height, width=args.width, steps=args.steps, seed=42)
-    reports = [bench_system(s, request, levels, args.requests, not args.no_perf_analyzer) for s in args.systems.split(",")]
+    reports = [bench_system(args.model, s, request, levels, args.requests, not args.no_perf_analyzer) for s in args.systems.split(",")]
     if args.out:
         write_markdown(Path(args.out), reports, levels)
     return 0
@@ -190,11 +191,17 @@ requests/s at concurrency:
 |---|{"---|" * len(levels)}
 {chr(10).join(rows)}
 """)
-    path.write_text(f"""# Serving throughput vs concurrency: tiny-flux on CPU (tritonserver 2.51, loopback)
+    import platform
+
+    import torch
+
+    card = f", {torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    path.write_text(f"""# Serving throughput vs concurrency: {reports[0]["model"]} (tritonserver 2.51, loopback)
 
 `make bench-serve` (scripts/bench_serve.py): request {q["height"]}x{q["width"]}, {q["steps"]} steps, one seed;
-{reports[0]["cpus"]} shared cores (other agents' servers and tests ran at the same time: numbers move
-±20 % between runs). perf_analyzer: the 2.51 build from tritonclient 2.51 in `.pa/`, inputs in
+{platform.machine()} with {reports[0]["cpus"]} cores{card}, torch {torch.__version__}.
+Command: `python {" ".join(sys.argv)}`.
+perf_analyzer (where installed): the 2.51 build from tritonclient 2.51 in `.pa/`, inputs in
 bench/perf_analyzer/, count windows of 12 requests, stability 60 %.
 
 """ + "\n".join(sections))

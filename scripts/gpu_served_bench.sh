@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Served benchmarks on an offline GPU machine, from the bundle scripts/gpu_carry.sh packs (carry .gpu-carry).
+#   bash scripts/gpu_served_bench.sh STEP...     results go to $OUT (or build/gpu-results)
+# steps: setup (unpack into /tmp/site) · weights (random-weight FLUX.1-dev, bench/random_weights.py)
+#        overhead-1 / overhead-2 (served vs in-process, FLUX.1-dev 1024², 28 steps, 1 and 2 GPUs)
+#        throughput-gpu (requests/s vs concurrency, FLUX.1-dev, 1 GPU) · throughput-cpu (tiny-flux, cpu-1thread)
+# Each step is idempotent; /tmp/site and the weights survive between calls while the machine stays warm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-build/gpu-results}
+mkdir -p "$out"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # multicast stays off (shared hosts)
+weights=/tmp/flux1-dev-random
+for step in "$@"; do
+  echo "== $step $(date +%T)"
+  case $step in
+    setup)
+      if [ ! -d /tmp/site/pytriton ]; then
+        mkdir -p /tmp/site
+        for t in .gpu-carry/gpusite.tar.xz .gpu-carry/tritonserver-slim.tar.xz; do
+          python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$t" /tmp/site
+        done
+      fi
+      nvidia-smi -L; python3 -c "import torch, diffusers, transformers, tritonclient.grpc, tritonclient.http; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+      python3 scripts/build_tiny_models.py tiny-flux ;;
+    weights)
+      [ -f $weights/model_index.json ] || python3 bench/random_weights.py --out $weights
+      mkdir -p weights && ln -sfn $weights weights/FLUX.1-dev ;;
+    overhead-1)
+      python3 bench/serve_overhead.py --model flux1-dev --system gpu-1 --height 1024 --width 1024 --steps 28 \
+        --repeats 3 --sequential --ready-timeout 900 --out "$out/serve-overhead-gpu1.md"
+      cp build/bench_server.log "$out/server-gpu1.log" ;;
+    overhead-2)
+      python3 bench/serve_overhead.py --model flux1-dev --system gpu-2 --height 1024 --width 1024 --steps 28 \
+        --repeats 3 --sequential --ready-timeout 900 --out "$out/serve-overhead-gpu2.md"
+      cp build/bench_server.log "$out/server-gpu2.log" ;;
+    throughput-gpu)
+      python3 scripts/bench_serve.py --model flux1-dev --systems gpu-1 --height 1024 --width 1024 --steps 8 \
+        --requests 4 --concurrency 1,2,4 --no-perf-analyzer --out "$out/serve-throughput-gpu1.md" ;;
+    throughput-cpu)
+      python3 scripts/bench_serve.py --systems cpu-1thread --no-perf-analyzer --out "$out/serve-throughput-cpu-host.md" ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
