@@ -22,6 +22,8 @@ for step in "$@"; do
           python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$t" /tmp/site
         done
       fi
+      # The backend stub's embedded interpreter ignores PYTHONPATH; a .pth in the system site puts /tmp/site first there too.
+      echo 'import sys; sys.path.insert(0, "/tmp/site")' > "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/00-gpu-carry.pth"
       nvidia-smi -L; python3 -c "import torch, diffusers, transformers, tritonclient.grpc, tritonclient.http; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
       python3 scripts/build_tiny_models.py tiny-flux ;;
     weights)
