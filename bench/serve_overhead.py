@@ -83,10 +83,17 @@ def served_once(client: SmartDiffusionClient, request: Request) -> tuple[float, 
 
 
 def run_rounds(paths: dict, request: Request, repeats: int, samples: dict, state: dict) -> None:
-    """Round 0 warms every path up; the served images must equal the first (in-process) image."""
+    """Round 0 warms every path up; the served images must equal the first (in-process) image.
+    A path that fails is reported and dropped; the others go on."""
     for round_index in range(repeats + 1):
-        for name, run in paths.items():
-            total, stages, image = run(request)
+        for name, run in list(paths.items()):
+            try:
+                total, stages, image = run(request)
+            except Exception as exc:  # noqa: BLE001 - reported in the results file
+                state.setdefault("failed", []).append(f"{name}: {exc}")
+                del paths[name]
+                samples.pop(name, None)
+                continue
             if state.get("reference") is None:
                 state["reference"] = image
             elif not np.array_equal(image, state["reference"]):
@@ -124,7 +131,7 @@ def main() -> None:
     write_repository(repo, [args.model], args.system)
     log = project_root() / "build" / "bench_server.log"
     server = TritonServer(repo, free_port(), free_port(), free_port(), backend_dir=project_root() / ".triton" / "backends", log_file=log)
-    samples: dict[str, list[tuple[float, dict]]] = {"in-process": [], "served http": [], "served grpc": []}
+    samples: dict[str, list[tuple[float, dict]]] = {"in-process": [], "served grpc": [], "served http": []}
     state: dict = {}
     if args.sequential:
         run_rounds({"in-process": local}, request, args.repeats, samples, state)
@@ -135,7 +142,7 @@ def main() -> None:
     load_s = time.perf_counter() - started
     try:
         with SmartDiffusionClient(server.http_url, "http") as http, SmartDiffusionClient(server.grpc_url, "grpc") as grpc:
-            paths = {"served http": lambda r: served_once(http, r), "served grpc": lambda r: served_once(grpc, r)}
+            paths = {"served grpc": lambda r: served_once(grpc, r), "served http": lambda r: served_once(http, r)}
             if not args.sequential:
                 paths = {"in-process": local, **paths}
             run_rounds(paths, request, args.repeats, samples, state)
@@ -156,7 +163,8 @@ def main() -> None:
            else "interleaved round-robin (in-process, HTTP, gRPC) so background load hits every path alike")
         + "; " + ("served images equal the in-process image." if not state.get("mismatch")
                   else f"IMAGES DIFFER from the in-process image: {', '.join(state['mismatch'])}."),
-        f"Server: ready {load_s:.1f} s after start (model load included), exit code {exit_code}.",
+        f"Server: ready {load_s:.1f} s after start (model load included), exit code {exit_code}."
+        + "".join(f" FAILED {failure}." for failure in state.get("failed", [])),
         f"Command: `python {' '.join(sys.argv)}`",
         "",
         "| path | total ms (median) | min | max | text_encoder ms | denoiser ms | vae_decoder ms | overhead vs in-process |",

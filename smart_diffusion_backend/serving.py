@@ -41,6 +41,11 @@ def pytriton_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def host_has_gpu() -> bool:
+    """An NVIDIA driver is loaded (checked without importing torch or CUDA)."""
+    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
+
+
 def tritonserver_binary() -> Path:
     return pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
 
@@ -193,12 +198,19 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
-            "--pinned-memory-pool-byte-size=0",  # CPU-only hosts have no pinned memory to give
-            "--allow-gpu-metrics=false",
+            *self._host_args(),
             f"--exit-timeout-secs={self.exit_timeout_s}",
             *self._model_control_args(),
             *self.extra_args,
         ]
+
+    @staticmethod
+    def _host_args() -> list[str]:
+        """CPU-only hosts have no pinned memory or GPU metrics to give; GPU hosts keep Triton's defaults
+        (without the pinned pool, inputs of HTTP requests reached Python models corrupted on an H100 host)."""
+        if host_has_gpu():
+            return []
+        return ["--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false"]
 
     def _model_control_args(self) -> list[str]:
         if self.model_control_mode not in ("none", "poll", "explicit"):
