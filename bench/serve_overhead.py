@@ -9,7 +9,8 @@
 In-process: the three stage services called back to back in this process (what the server runs,
 minus Triton). Served: `smart_diffusion` over HTTP and gRPC on a real tritonserver. Both warm; medians.
 Paths run interleaved round-robin (background load hits all alike), or with --sequential the in-process
-stages are measured first and released before the server loads its own copy.
+stages are measured, released before the server loads its own copy, and measured again after the server
+stopped (before/after brackets any drift of the machine, e.g. GPU clocks).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--sequential", action="store_true", help="in-process first, released before the server loads")
+    parser.add_argument("--sequential", action="store_true", help="in-process before and after the server, never together")
     parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds for the server to load the model")
     args = parser.parse_args()
     request = Request(prompt="a red circle on a blue background", height=args.height, width=args.width, steps=args.steps, seed=7)
@@ -132,6 +133,8 @@ def main() -> None:
     log = project_root() / "build" / "bench_server.log"
     server = TritonServer(repo, free_port(), free_port(), free_port(), backend_dir=project_root() / ".triton" / "backends", log_file=log)
     samples: dict[str, list[tuple[float, dict]]] = {"in-process": [], "served grpc": [], "served http": []}
+    if args.sequential:
+        samples["in-process (after)"] = []
     state: dict = {}
     if args.sequential:
         run_rounds({"in-process": local}, request, args.repeats, samples, state)
@@ -148,6 +151,10 @@ def main() -> None:
             run_rounds(paths, request, args.repeats, samples, state)
     finally:
         exit_code = server.stop()
+    if args.sequential:
+        local = InProcess(args.model, args.system)
+        run_rounds({"in-process (after)": local}, request, args.repeats, samples, state)
+        local.close()
     rows = {
         name: ([t for t, _ in runs], {k: statistics.median(s[k] for _, s in runs) for k in runs[0][1]})
         for name, runs in samples.items()
@@ -159,7 +166,7 @@ def main() -> None:
         f"# Serving overhead: {args.model}, {args.height}x{args.width}, {args.steps} steps, system {args.system}",
         "",
         f"{machine_line()}; median of {args.repeats} warm requests per path, "
-        + ("in-process first, then the server (--sequential)" if args.sequential
+        + ("in-process, then the server, then in-process again (--sequential)" if args.sequential
            else "interleaved round-robin (in-process, HTTP, gRPC) so background load hits every path alike")
         + "; " + ("served images equal the in-process image." if not state.get("mismatch")
                   else f"IMAGES DIFFER from the in-process image: {', '.join(state['mismatch'])}."),
@@ -172,7 +179,7 @@ def main() -> None:
     ]
     for name, (totals, stages) in rows.items():
         median = statistics.median(totals)
-        overhead = "—" if name == "in-process" else f"{median - base:+.1f} ms ({(median / base - 1) * 100:+.1f} %)"
+        overhead = "—" if name.startswith("in-process") else f"{median - base:+.1f} ms ({(median / base - 1) * 100:+.1f} %)"
         lines.append(
             f"| {name} | {median:.1f} | {min(totals):.1f} | {max(totals):.1f} | {stages['text_encoder']:.1f} | "
             f"{stages['denoiser']:.1f} | {stages['vae_decoder']:.1f} | {overhead} |"

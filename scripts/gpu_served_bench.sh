@@ -14,6 +14,11 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 weights=/tmp/flux1-dev-random
 for step in "$@"; do
   echo "== $step $(date +%T)"
+  smi=""
+  case $step in overhead-*|throughput-gpu)  # clocks, power and temperature beside the timings
+    nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,temperature.gpu,utilization.gpu --format=csv,noheader \
+      -lms 2000 > "$out/gpu-clocks-$step.csv" & smi=$! ;;
+  esac
   case $step in
     setup)
       if [ ! -d /tmp/site/pytriton ]; then
@@ -24,24 +29,32 @@ for step in "$@"; do
       fi
       # The backend stub's embedded interpreter ignores PYTHONPATH; a .pth in the system site puts /tmp/site first there too.
       echo 'import sys; sys.path.insert(0, "/tmp/site")' > "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/00-gpu-carry.pth"
-      nvidia-smi -L; python3 -c "import torch, diffusers, transformers, tritonclient.grpc, tritonclient.http; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+      # The image's scipy and peft are numpy-2 builds; beside the carried numpy 1.26 they fail to import, and
+      # transformers/diffusers import them when present. Nothing here uses them: hide them on this throwaway machine.
+      mkdir -p /tmp/hidden-packages
+      for pkg in scipy peft; do
+        dir=$(python3 -c "import importlib.util as u, sys; s = u.find_spec(sys.argv[1]); print(s.submodule_search_locations[0] if s else '')" $pkg 2>/dev/null || true)
+        case $dir in ""|/tmp/site/*) ;; *) mv "$dir" /tmp/hidden-packages/ && echo "hid $dir" ;; esac
+      done
+      nvidia-smi -L; python3 -c "import torch, diffusers, transformers, tritonclient.grpc, tritonclient.http; import numpy; print('numpy', numpy.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
       python3 scripts/build_tiny_models.py tiny-flux ;;
     weights)
       [ -f $weights/model_index.json ] || python3 bench/random_weights.py --out $weights
       mkdir -p weights && ln -sfn $weights weights/FLUX.1-dev ;;
     overhead-1)
       python3 bench/serve_overhead.py --model flux1-dev --system gpu-1 --height 1024 --width 1024 --steps 28 \
-        --repeats 3 --sequential --ready-timeout 900 --out "$out/serve-overhead-gpu1.md"
+        --repeats ${REPEATS:-3} --sequential --ready-timeout 900 --out "$out/serve-overhead-gpu1.md"
       cp build/bench_server.log "$out/server-gpu1.log" ;;
     overhead-2)
       python3 bench/serve_overhead.py --model flux1-dev --system gpu-2 --height 1024 --width 1024 --steps 28 \
-        --repeats 3 --sequential --ready-timeout 900 --out "$out/serve-overhead-gpu2.md"
+        --repeats ${REPEATS:-3} --sequential --ready-timeout 900 --out "$out/serve-overhead-gpu2.md"
       cp build/bench_server.log "$out/server-gpu2.log" ;;
     throughput-gpu)
       python3 scripts/bench_serve.py --model flux1-dev --systems gpu-1 --height 1024 --width 1024 --steps 8 \
-        --requests 4 --concurrency 1,2,4 --no-perf-analyzer --out "$out/serve-throughput-gpu1.md" ;;
+        --requests 4 --concurrency 1,2 --no-perf-analyzer --out "$out/serve-throughput-gpu1.md" ;;
     throughput-cpu)
       python3 scripts/bench_serve.py --systems cpu-1thread --no-perf-analyzer --out "$out/serve-throughput-cpu-host.md" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
+  [ -z "$smi" ] || kill $smi
 done
