@@ -8,6 +8,8 @@
 #                             the 2.51 backend stub's pybind11 misreads numpy 2 dtypes (a BYTES input of
 #                             "ab.." arrives as its first byte repeated), and the GPU image has numpy 2
 # On the GPU machine: scripts/gpu_served_bench.sh unpacks both into /tmp/site.
+# The two archives (~50 MB) plus the tracked tree fit the cap only without the 20 MB of committed
+# shapes-flux weights, which GPU runs do not use: leave them out of that copy of the tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=.gpu-carry
