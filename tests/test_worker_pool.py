@@ -198,3 +198,25 @@ def test_shutdown_leaves_nothing(pool, shm_before):
     assert not [c for c in multiprocessing.active_children() if c.name.startswith("sd-worker-")]
     assert _shm() - shm_before == set(), f"/dev/shm leftovers: {_shm() - shm_before}"
     pool.shutdown()  # idempotent
+
+
+def _sleep_forever() -> None:
+    time.sleep(60)
+
+
+def test_reap_reports_the_exit_code_when_two_threads_reap_at_once():
+    # The pool's monitor thread and the caller reap a dead worker concurrently; both must see its code.
+    from smart_diffusion_backend.parallel.worker_pool import _reap
+
+    ctx = multiprocessing.get_context("fork")
+    for _ in range(20):
+        process = ctx.Process(target=_sleep_forever, daemon=True)
+        process.start()
+        os.kill(process.pid, signal.SIGKILL)
+        seen: list[int | None] = []
+        reapers = [threading.Thread(target=lambda: (_reap(process), seen.append(process.exitcode))) for _ in range(2)]
+        for t in reapers:
+            t.start()
+        for t in reapers:
+            t.join()
+        assert seen == [-9, -9]

@@ -262,7 +262,12 @@ REAP_TIMEOUT_S = 10.0
 
 
 def _reap(process: Any) -> None:
+    deadline = time.monotonic() + REAP_TIMEOUT_S
     process.join(timeout=REAP_TIMEOUT_S)
+    # The monitor thread may reap the same process at the same moment: the loser's waitpid fails with
+    # ECHILD and its join returns before the winner has stored the exit code. Wait for the winner.
+    while process.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def _free_port() -> int:
