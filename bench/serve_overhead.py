@@ -78,9 +78,15 @@ class InProcess:
 
 
 def served_once(client: SmartDiffusionClient, request: Request) -> tuple[float, dict, np.ndarray]:
+    """Client-side total; STATS's stage times, the orchestrator's own share (BLS hops) and the rest
+    (client, protocol, Triton's frontend)."""
     started = time.perf_counter()
     result = client.infer(request)
-    return (time.perf_counter() - started) * 1000, result.stats["stages_ms"], result.image
+    total = (time.perf_counter() - started) * 1000
+    parts = dict(result.stats["stages_ms"])
+    parts["bls"] = result.stats.get("orchestration_ms", float("nan"))
+    parts["client"] = total - result.stats.get("total_ms", float("nan"))
+    return total, parts, result.image
 
 
 def run_rounds(paths: dict, request: Request, repeats: int, samples: dict, state: dict) -> None:
@@ -174,15 +180,18 @@ def main() -> None:
         + "".join(f" FAILED {failure}." for failure in state.get("failed", [])),
         f"Command: `python {' '.join(sys.argv)}`",
         "",
-        "| path | total ms (median) | min | max | text_encoder ms | denoiser ms | vae_decoder ms | overhead vs in-process |",
-        "|---|---|---|---|---|---|---|---|",
+        "| path | total ms (median) | min | max | text_encoder ms | denoiser ms | vae_decoder ms | BLS hops ms | "
+        "client + frontend ms | overhead vs in-process |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (totals, stages) in rows.items():
         median = statistics.median(totals)
         overhead = "—" if name.startswith("in-process") else f"{median - base:+.1f} ms ({(median / base - 1) * 100:+.1f} %)"
         lines.append(
             f"| {name} | {median:.1f} | {min(totals):.1f} | {max(totals):.1f} | {stages['text_encoder']:.1f} | "
-            f"{stages['denoiser']:.1f} | {stages['vae_decoder']:.1f} | {overhead} |"
+            f"{stages['denoiser']:.1f} | {stages['vae_decoder']:.1f} | "
+            + " | ".join(f"{stages[k]:.1f}" if k in stages else "—" for k in ("bls", "client"))
+            + f" | {overhead} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)
