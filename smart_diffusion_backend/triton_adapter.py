@@ -99,8 +99,14 @@ def read_inputs(pb, request, names: list[str]) -> dict[str, np.ndarray]:
     return values
 
 
-def response(pb, outputs: Mapping[str, np.ndarray]):
-    return pb.InferenceResponse(output_tensors=[pb.Tensor(name, value) for name, value in outputs.items()])
+def as_tensor(pb, name: str, value: Any):
+    """A numpy array becomes a Triton tensor; a tensor out of a BLS response is passed on as it is
+    (it already lives in shared memory: relaying it costs no copy in this process)."""
+    return pb.Tensor(name, value) if isinstance(value, np.ndarray) else value
+
+
+def response(pb, outputs: Mapping[str, Any]):
+    return pb.InferenceResponse(output_tensors=[as_tensor(pb, name, value) for name, value in outputs.items()])
 
 
 def error_for(pb, exc: BaseException, model_name: str):
@@ -162,13 +168,15 @@ class StageError(RuntimeError):
         self.message, self.code = message, code
 
 
-def call_stage(
-    pb, model_name: str, inputs: Mapping[str, np.ndarray], outputs: list[str]
-) -> dict[str, np.ndarray]:
-    """A blocking BLS call to one stage model; its error (and code) becomes a StageError."""
+def call_stage(pb, model_name: str, inputs: Mapping[str, Any], outputs: list[str]) -> dict[str, Any]:
+    """A blocking BLS call to one stage model; its error (and code) becomes a StageError.
+
+    Inputs are numpy arrays or tensors of an earlier stage's response; the outputs come back as Triton
+    tensors, so the orchestrator relays embeddings, latents and pixels without copying them (read one
+    with `.as_numpy()`)."""
     request = pb.InferenceRequest(
         model_name=model_name,
-        inputs=[pb.Tensor(name, value) for name, value in inputs.items()],
+        inputs=[as_tensor(pb, name, value) for name, value in inputs.items()],
         requested_output_names=outputs,
     )
     result = request.exec()
@@ -176,7 +184,7 @@ def call_stage(
         error = result.error()
         code = error.code() if hasattr(error, "code") else pb.TritonError.INTERNAL
         raise StageError(error.message(), code)
-    return {name: pb.get_output_tensor_by_name(result, name).as_numpy() for name in outputs}
+    return {name: pb.get_output_tensor_by_name(result, name) for name in outputs}
 
 
 def user_param_tensors(params) -> dict[str, np.ndarray]:
@@ -269,7 +277,7 @@ class PipelineOrchestrator:
         on_progress: Callable[[int, int], None] | None = None,
         cancel_check: Callable[[], bool] | None = None,
         timeout_s: float | None = None,
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, Any]:
         """The three BLS calls. `on_progress(step, total)` after every denoising step; a request whose
         `cancel_check` turns True (client cancel or disconnect) or that runs past `timeout_s` stops
         within one denoising step (the denoiser hears it on the step channel), or before the next stage."""
@@ -297,7 +305,7 @@ class PipelineOrchestrator:
         stop.check("before decoding")
         decoded = call_stage(self.pb, self.stage_models["vae_decoder_model"], denoised, [self.output, "STATS"])
 
-        stats = read_stats(decoded)
+        stats = read_stats({"STATS": decoded["STATS"].as_numpy()})
         stats["total_ms"] = round((time.perf_counter() - started) * 1000, 3)
         stats["orchestration_ms"] = round(stats["total_ms"] - sum(stats.get("stages_ms", {}).values()), 3)
         return {self.output: decoded[self.output], "STATS": stats_tensor(stats)}
