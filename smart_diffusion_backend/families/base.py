@@ -17,12 +17,17 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
+import logging
+import time
+
 import numpy as np
 import torch
 
 from ..cache import CacheConfig, validate_model_cache
-from ..params import ModelParams, SystemParams, UserParams
+from ..params import ModelParams, SystemParams, UserParams, parse_user_params
 from ..progress import DenoiseCancelled  # noqa: F401  (re-exported: step callbacks raise it)
+
+logger = logging.getLogger(__name__)
 
 # Called after each denoising step with (steps_done, total_steps); raising stops the loop.
 StepCallback = Callable[[int, int], None]
@@ -93,6 +98,47 @@ class DenoiserStage(Stage):
     def __init__(self, model: ModelParams, system: SystemParams):
         super().__init__(model, system)
         validate_model_cache(model.cache)  # a broken cache section fails the load, not a request
+        self.compile_seconds: float | None = None
+
+    def transformers(self) -> list[torch.nn.Module]:
+        """Every transformer this stage runs (Wan2.2 has two experts)."""
+        return [self.transformer]
+
+    def prepare_transformers(self) -> None:
+        """Apply the system's `attention_backend` and, when asked, regional compile; families call this at
+        the end of loading. "sdpa" keeps diffusers' own processors (the reference path). A pool worker
+        then replaces the processors with sequence-parallel ones that call the same backend."""
+        if self.system.attention_backend != "sdpa":
+            from ..attention.processors import attention_for, install_attention
+
+            attention = attention_for(self.system.attention_backend)
+            for transformer in self.transformers():
+                install_attention(transformer, attention)
+        if self.system.compile_transformer:
+            from ..attention.compile import compile_repeated_blocks
+
+            # dynamic=None: the default size compiles static at load; the first other size recompiles with
+            # dynamic shapes, which then serves every later size without more compiles.
+            blocks = sum(compile_repeated_blocks(t, dynamic=None) for t in self.transformers())
+            self.compile_seconds = self.warm_up()
+            logger.info("%s: compiled %d repeated blocks; warm-up at %dx%d took %.1f s (compile included)",
+                        self.model.name, blocks, self.model.default_height, self.model.default_width,
+                        self.compile_seconds)
+
+    @abstractmethod
+    def warm_up_embeddings(self) -> Embeddings:
+        """Zero text conditioning of the shapes the text encoder produces (for the load-time warm-up)."""
+
+    def warm_up(self) -> float:
+        """One 2-step denoise at the model's default size, so torch.compile compiles at load rather than in
+        the first request; returns its seconds."""
+        params = parse_user_params({"STEPS": np.array([2], np.int32), "SEED": np.array([0], np.int64)},
+                                   self.model, self.system, require_prompt=False)
+        started = time.perf_counter()
+        self.denoise(self.warm_up_embeddings(), params)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
 
     def cache_config_for(self, params: UserParams, override: CacheConfig | None | str = "model") -> CacheConfig | None:
         """This request's cache: "model" maps CACHE_RATIO through the model yaml's `cache:` section;

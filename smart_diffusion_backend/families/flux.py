@@ -54,6 +54,14 @@ class FluxDenoiser(DenoiserStage):
         vae_config = AutoencoderKL.load_config(model.weights, subfolder="vae")
         self.vae_scale_factor = _vae_scale_factor(vae_config["block_out_channels"])
         self.num_channels_latents = self.transformer.config.in_channels // 4
+        self.prepare_transformers()
+
+    def warm_up_embeddings(self) -> Embeddings:
+        config = self.transformer.config
+        return Embeddings(
+            prompt_embeds=torch.zeros(1, self.model.max_sequence_length, config.joint_attention_dim),
+            pooled_prompt_embeds=torch.zeros(1, config.pooled_projection_dim),
+        )
 
     def prepare_latents(self, params: UserParams) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed initial noise [1, h*w/4, 4C] and its position ids, as FluxPipeline.prepare_latents."""

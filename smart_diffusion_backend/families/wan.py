@@ -83,6 +83,15 @@ class WanDenoiser(DenoiserStage):
         self.num_channels_latents = self.transformer.config.in_channels
         patch = self.transformer.config.patch_size
         self.size_multiple = (self.vae_scale_factor_spatial * patch[1], self.vae_scale_factor_spatial * patch[2])
+        self.prepare_transformers()
+
+    def transformers(self) -> list[WanTransformer3DModel]:
+        return [t for t in (self.transformer, self.transformer_2) if t is not None]
+
+    def warm_up_embeddings(self) -> Embeddings:
+        # Both rows, as the text encoder sends them: the prompt and the negative prompt.
+        embeds = torch.zeros(2, self.model.max_sequence_length, self.transformer.config.text_dim)
+        return Embeddings(prompt_embeds=embeds, pooled_prompt_embeds=embeds.new_zeros(2, 0))
 
     def _load_transformer(self, subfolder: str) -> WanTransformer3DModel:
         return WanTransformer3DModel.from_pretrained(self.model.weights, subfolder=subfolder, dtype=self.dtype).to(

@@ -1,0 +1,86 @@
+"""The one-rank denoiser honours the system's `attention_backend` and `compile_transformer` (CPU).
+
+Compile: the repeated blocks' forwards are compiled at load (warm-up at the default size, its seconds
+reported), outputs equal the eager stage within float32 reordering, and the feature cache's hooks keep
+working around the compiled blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from smart_diffusion_backend.attention.processors import FluxPluggableAttnProcessor, WanPluggableAttnProcessor
+from smart_diffusion_backend.params import ConfigError, SystemParams, parse_user_params
+from smart_diffusion_backend.service import load_stage
+
+from .test_wan import ensure_tiny_wan
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def user_params(model, system, **values):
+    tensors = {"SEED": np.array([3], np.int64), "STEPS": np.array([values.pop("steps", 4)], np.int32)}
+    for name, value in values.items():
+        dtype = np.float32 if name in ("CACHE_RATIO", "GUIDANCE_SCALE") else np.int32
+        tensors[name] = np.array([value], dtype)
+    return parse_user_params(tensors, model, system, require_prompt=False)
+
+
+@pytest.fixture(scope="module")
+def flux_embeddings(tiny_flux, cpu_system):
+    return load_stage("text_encoder", tiny_flux, cpu_system).encode("a red circle", None)
+
+
+@pytest.fixture(scope="module")
+def flux_eager(tiny_flux, cpu_system):
+    return load_stage("denoiser", tiny_flux, cpu_system)
+
+
+def test_compile_needs_one_rank():
+    with pytest.raises(ConfigError, match="compile_transformer needs one rank"):
+        dataclasses.replace(SystemParams.load("cpu-sp2"), compile_transformer=True).validate()
+
+
+def test_compiled_flux_equals_eager_and_keeps_the_cache(tiny_flux, cpu_system, flux_embeddings, flux_eager):
+    compiled = load_stage("denoiser", tiny_flux, dataclasses.replace(cpu_system, compile_transformer=True))
+    assert compiled.compile_seconds is not None and compiled.compile_seconds > 0
+    assert flux_eager.compile_seconds is None
+    # At the default size (compiled at load) and with the feature cache on (its hooks wrap the compiled blocks).
+    for ratio in (0.0, 1.0):
+        params = user_params(tiny_flux, cpu_system, CACHE_RATIO=ratio, steps=8)
+        stats_eager, stats_compiled = {}, {}
+        eager = flux_eager.denoise(flux_embeddings, params, stats=stats_eager)
+        out = compiled.denoise(flux_embeddings, params, stats=stats_compiled)
+        assert rel_l2(out, eager) <= 1e-5, ratio
+        assert stats_compiled == stats_eager  # the same skip decisions
+    assert stats_compiled["cache_forwards_skipped"] > 0  # ratio 1 skipped steps around the compiled blocks
+
+
+def test_triton_backend_reaches_the_one_rank_flux_denoiser(tiny_flux, cpu_system, flux_embeddings, flux_eager, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_stage = load_stage("denoiser", tiny_flux, dataclasses.replace(cpu_system, attention_backend="triton"))
+    processors = set(type(p) for p in triton_stage.transformer.attn_processors.values())
+    assert processors == {FluxPluggableAttnProcessor}
+    assert FluxPluggableAttnProcessor not in set(type(p) for p in flux_eager.transformer.attn_processors.values())
+    params = user_params(tiny_flux, cpu_system, steps=2)
+    out = triton_stage.denoise(flux_embeddings, params)
+    assert rel_l2(out, flux_eager.denoise(flux_embeddings, params)) <= 1e-4
+
+
+def test_compiled_wan_with_the_triton_backend_equals_eager(cpu_system, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = ensure_tiny_wan()
+    embeddings = load_stage("text_encoder", model, cpu_system).encode("a cat", "")
+    eager = load_stage("denoiser", model, cpu_system)
+    system = dataclasses.replace(cpu_system, compile_transformer=True, attention_backend="triton")
+    compiled = load_stage("denoiser", model, system)
+    assert set(type(p) for p in compiled.transformer.attn_processors.values()) == {WanPluggableAttnProcessor}
+    assert compiled.compile_seconds > 0
+    params = user_params(model, cpu_system, steps=2)
+    assert rel_l2(compiled.denoise(embeddings, params), eager.denoise(embeddings, params)) <= 1e-4
