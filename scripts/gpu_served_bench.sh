@@ -3,6 +3,7 @@
 #   bash scripts/gpu_served_bench.sh STEP...     results go to $OUT (or build/gpu-results)
 # steps: setup (unpack into /tmp/site) · weights (random-weight FLUX.1-dev, bench/random_weights.py)
 #        overhead-1 / overhead-2 (served vs in-process, FLUX.1-dev 1024², 28 steps, 1 and 2 GPUs)
+#        overhead-1c (the same on 1 GPU with compile_transformer: true, compiled at load)
 #        throughput-gpu (requests/s vs concurrency, FLUX.1-dev, 1 GPU) · throughput-cpu (tiny-flux, cpu-1thread)
 # Each step is idempotent; /tmp/site and the weights survive between calls while the machine stays warm.
 set -euo pipefail
@@ -49,6 +50,12 @@ for step in "$@"; do
       python3 bench/serve_overhead.py --model flux1-dev --system gpu-2 --height 1024 --width 1024 --steps 28 \
         --repeats ${REPEATS:-3} --sequential --ready-timeout 900 --out "$out/serve-overhead-gpu2.md"
       cp build/bench_server.log "$out/server-gpu2.log" ;;
+    overhead-1c)
+      sed 's/^compile_transformer:.*//' configs/system/gpu-1.yaml > /tmp/gpu-1-compiled.yaml
+      echo "compile_transformer: true" >> /tmp/gpu-1-compiled.yaml
+      python3 bench/serve_overhead.py --model flux1-dev --system /tmp/gpu-1-compiled.yaml --height 1024 --width 1024 \
+        --steps 28 --repeats ${REPEATS:-3} --sequential --ready-timeout 900 --out "$out/serve-overhead-gpu1-compiled.md"
+      cp build/bench_server.log "$out/server-gpu1-compiled.log" ;;
     throughput-gpu)
       python3 scripts/bench_serve.py --model flux1-dev --systems gpu-1 --height 1024 --width 1024 --steps 8 \
         --requests 4 --concurrency 1,2 --no-perf-analyzer --out "$out/serve-throughput-gpu1.md" ;;

@@ -49,8 +49,60 @@ class ModelSetup:
     extra: dict[str, str]
 
 
+def use_utf8_text_encoding() -> None:
+    """The backend stub starts Python isolated and under the "C" locale, so open() without an encoding
+    reads ASCII (torch.compile's inductor then fails on its UTF-8 templates). Switch LC_CTYPE to UTF-8;
+    numbers and messages keep their formats."""
+    import locale
+
+    if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+        return
+    for name in ("C.UTF-8", "C.utf8", "en_US.UTF-8"):
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+            return
+        except locale.Error:
+            continue
+    logger.warning("no UTF-8 locale here; files are read as %s", locale.getpreferredencoding(False))
+
+
+class _TritonLogHandler(logging.Handler):
+    """Library log records -> Triton's server log (pb_utils.Logger), at their level."""
+
+    def __init__(self, pb) -> None:
+        super().__init__(logging.INFO)
+        self.pb = pb
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.ERROR:
+                self.pb.Logger.log_error(message)
+            elif record.levelno >= logging.WARNING:
+                self.pb.Logger.log_warn(message)
+            else:
+                self.pb.Logger.log_info(message)
+        except Exception:  # noqa: BLE001 - logging must never fail a request
+            self.handleError(record)
+
+
+def route_logs_to_triton(pb) -> None:
+    """The library's loggers (load times, compile reports, errors) write into the server log; without
+    this a stub shows only warnings, on its stderr."""
+    if getattr(pb, "Logger", None) is None:
+        return
+    for name in ("smart_diffusion", "smart_diffusion_backend"):
+        library_logger = logging.getLogger(name)
+        if not any(isinstance(h, _TritonLogHandler) for h in library_logger.handlers):
+            library_logger.addHandler(_TritonLogHandler(pb))
+        library_logger.setLevel(logging.INFO)
+        library_logger.propagate = False
+
+
 def setup(pb, args: Mapping[str, str], extra_keys: tuple[str, ...] = ()) -> ModelSetup:
     """Parse initialize()'s args; a missing parameter fails the model load with its name."""
+    route_logs_to_triton(pb)
+    use_utf8_text_encoding()
     config, params = model_parameters(args)
     name = config["name"]
     values = {key: required_parameter(pb, params, key, name) for key in ("model_config", "system_config", *extra_keys)}

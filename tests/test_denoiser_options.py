@@ -84,3 +84,28 @@ def test_compiled_wan_with_the_triton_backend_equals_eager(cpu_system, monkeypat
     assert compiled.compile_seconds > 0
     params = user_params(model, cpu_system, steps=2)
     assert rel_l2(compiled.denoise(embeddings, params), eager.denoise(embeddings, params)) <= 1e-4
+
+
+@pytest.mark.server
+def test_a_served_compiled_denoiser_draws_the_eager_image_and_logs_its_compile(tiny_flux, tmp_path, flux_embeddings, flux_eager, cpu_system):
+    # Also guards the stub's "C" locale: inductor reads UTF-8 templates, which failed inside a stub.
+    from client import Request, SmartDiffusionClient
+    from smart_diffusion_backend.repository import write_repository
+
+    from .conftest import ROOT, start_server, stop_server_and_check
+
+    system_yaml = tmp_path / "cpu-1thread-compiled.yaml"
+    lines = (ROOT / "configs" / "system" / "cpu-1thread.yaml").read_text().splitlines()
+    system_yaml.write_text("\n".join(l for l in lines if not l.startswith("compile_transformer")) + "\ncompile_transformer: true\n")
+    write_repository(tmp_path / "repo", ["tiny-flux"], str(system_yaml))
+    server, shm_before = start_server(tmp_path / "repo", tmp_path)
+    try:
+        with SmartDiffusionClient(server.grpc_url, "grpc") as client:
+            served = client.infer(Request(prompt="a red circle", height=64, width=64, steps=4, seed=3)).image
+    finally:
+        stop_server_and_check(server, shm_before)
+    assert "compiled 3 repeated blocks" in (tmp_path / "tritonserver.log").read_text()
+    params = user_params(tiny_flux, cpu_system, steps=4, HEIGHT=64, WIDTH=64)
+    eager = load_stage("decoder", tiny_flux, cpu_system).decode(flux_eager.denoise(flux_embeddings, params))
+    assert served.shape == eager.shape
+    assert np.abs(served.astype(np.int16) - eager.astype(np.int16)).max() <= 1
