@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from smart_diffusion_backend.tiny_models import build_clip_tokenizer, build_t5_tokenizer  # noqa: E402
+from smart_diffusion_backend.tiny_models import build_clip_tokenizer, build_t5_tokenizer, flux_dev_scheduler  # noqa: E402
 
 
 def build_flux_dev(out_dir: Path, device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -57,11 +57,7 @@ def build_flux_dev(out_dir: Path, device: str, dtype: torch.dtype = torch.bfloat
             )
     finally:
         torch.set_default_dtype(previous_dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
-    )
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer,
+    pipe = FluxPipeline(scheduler=flux_dev_scheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tokenizer,
                         text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
     pipe.save_pretrained(out_dir)
     return out_dir

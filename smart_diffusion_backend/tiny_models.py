@@ -51,6 +51,21 @@ def build_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
+def flux_dev_scheduler():
+    """FLUX.1-dev's flow-matching scheduler config (resolution-dependent shift), for every Flux we build."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
 def _tiny_t5_config(tokenizer) -> dict:
     """A 2-layer, 32-wide T5 / UMT5 encoder config over `tokenizer`'s vocabulary."""
     return dict(
@@ -69,7 +84,7 @@ def _tiny_t5_config(tokenizer) -> dict:
 
 def build_tiny_flux(out_dir: str | Path, *, seed: int = 0) -> Path:
     """A ~0.4 M-parameter FluxPipeline with random weights (draws noise; fast enough for tests)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -117,15 +132,7 @@ def build_tiny_flux(out_dir: str | Path, *, seed: int = 0) -> Path:
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = flux_dev_scheduler()
     pipe = FluxPipeline(
         scheduler=scheduler,
         vae=vae,

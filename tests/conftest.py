@@ -54,6 +54,14 @@ def _still_running(pids: set[int], grace_s: float = 5.0) -> list[str]:
         time.sleep(0.2)
 
 
+def system_yaml_with(base: str, path: Path, **overrides) -> Path:
+    """configs/system/<base>.yaml with some keys replaced, written to `path` (for a server fixture)."""
+    lines = (ROOT / "configs" / "system" / f"{base}.yaml").read_text().splitlines()
+    kept = [line for line in lines if line.split(":", 1)[0].strip() not in overrides]
+    path.write_text("\n".join(kept + [f"{key}: {value}" for key, value in overrides.items()]) + "\n")
+    return path
+
+
 def start_server(repo: Path, tmp_dir: Path, **kwargs):
     from smart_diffusion_backend.serving import TritonServer, free_port, shm_regions
 

@@ -92,11 +92,9 @@ def test_a_served_compiled_denoiser_draws_the_eager_image_and_logs_its_compile(t
     from client import Request, SmartDiffusionClient
     from smart_diffusion_backend.repository import write_repository
 
-    from .conftest import ROOT, start_server, stop_server_and_check
+    from .conftest import start_server, stop_server_and_check, system_yaml_with
 
-    system_yaml = tmp_path / "cpu-1thread-compiled.yaml"
-    lines = (ROOT / "configs" / "system" / "cpu-1thread.yaml").read_text().splitlines()
-    system_yaml.write_text("\n".join(l for l in lines if not l.startswith("compile_transformer")) + "\ncompile_transformer: true\n")
+    system_yaml = system_yaml_with("cpu-1thread", tmp_path / "cpu-1thread-compiled.yaml", compile_transformer="true")
     write_repository(tmp_path / "repo", ["tiny-flux"], str(system_yaml))
     server, shm_before = start_server(tmp_path / "repo", tmp_path)
     try:

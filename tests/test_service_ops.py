@@ -19,7 +19,7 @@ from client import GenerationError, Request, SmartDiffusionClient
 from smart_diffusion_backend.metrics import scrape, total
 from smart_diffusion_backend.serving import process_cmdline
 
-from .conftest import ROOT, start_server, stop_server_and_check
+from .conftest import start_server, stop_server_and_check, system_yaml_with
 
 pytestmark = pytest.mark.server
 
@@ -32,9 +32,7 @@ def ops_server(tiny_flux, tmp_path_factory):
     from smart_diffusion_backend.repository import write_repository
 
     tmp = tmp_path_factory.mktemp("ops")
-    system = tmp / "cpu-queue.yaml"
-    text = (ROOT / "configs" / "system" / "cpu.yaml").read_text()
-    system.write_text("\n".join(l for l in text.splitlines() if not l.startswith("max_queue_size")) + f"\nmax_queue_size: {QUEUE}\n")
+    system = system_yaml_with("cpu", tmp / "cpu-queue.yaml", max_queue_size=QUEUE)
     write_repository(tmp / "repo", ["tiny-flux"], str(system))
     server, shm_before = start_server(tmp / "repo", tmp, model_control_mode="explicit", load_models=("*",))
     server.repo, server.system_yaml = tmp / "repo", system

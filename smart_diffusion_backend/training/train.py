@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..tiny_models import build_clip_tokenizer, build_t5_tokenizer
+from ..tiny_models import build_clip_tokenizer, build_t5_tokenizer, flux_dev_scheduler
 from .dataset import DatasetConfig, make_dataset
 
 
@@ -77,7 +77,7 @@ class TrainConfig:
 
 def build_components(arch: ArchConfig) -> dict[str, Any]:
     """Fresh, randomly initialised pipeline components (same classes as tiny_models.build_tiny_flux)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
@@ -138,15 +138,7 @@ def build_components(arch: ArchConfig) -> dict[str, Any]:
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(  # Flux.1-dev's scheduler config
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = flux_dev_scheduler()
     return dict(
         scheduler=scheduler,
         vae=vae,
