@@ -4,13 +4,15 @@
         [--model tiny-flux --system cpu] [--out bench/results/serve-overhead-cpu.md]
     # GPU, real-architecture FLUX.1-dev (bench/random_weights.py), two copies would not fit one card:
     python bench/serve_overhead.py --model flux1-dev --system gpu-1 --height 1024 --width 1024 \
-        --steps 28 --repeats 3 --sequential --ready-timeout 900
+        --steps 28 --repeats 5 --sequential --cycles 2 --warmup-s 60 --ready-timeout 900
 
 In-process: the three stage services called back to back in this process (what the server runs,
 minus Triton). Served: `smart_diffusion` over HTTP and gRPC on a real tritonserver. Both warm; medians.
-Paths run interleaved round-robin (background load hits all alike), or with --sequential the in-process
-stages are measured, released before the server loads its own copy, and measured again after the server
-stopped (before/after brackets any drift of the machine, e.g. GPU clocks).
+Paths run interleaved round-robin (background load hits all alike), or with --sequential in phases:
+in-process, server, in-process, ... (--cycles server phases, each bracketed by in-process ones; the
+in-process stages are released before the server loads its own copy). A power-capped GPU's clocks fall
+as it heats up, so --warmup-s first runs unmeasured requests until it is at its working temperature,
+and the phase medians are listed in order, which shows any drift left.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np  # noqa: E402
 from client import Request, SmartDiffusionClient  # noqa: E402
 from smart_diffusion_backend.params import project_root  # noqa: E402
 from smart_diffusion_backend.repository import write_repository  # noqa: E402
+from report import emit  # noqa: E402 - bench/report.py, beside this script
 from smart_diffusion_backend.serving import TritonServer, free_port  # noqa: E402
 from smart_diffusion_backend.service import DecoderService, DenoiserService, TextEncoderService, load_params  # noqa: E402
 
@@ -85,6 +88,8 @@ def served_once(client: SmartDiffusionClient, request: Request) -> tuple[float, 
     total = (time.perf_counter() - started) * 1000
     parts = dict(result.stats["stages_ms"])
     parts["bls"] = result.stats.get("orchestration_ms", float("nan"))
+    for stage, hop_ms in result.stats.get("hops_ms", {}).items():  # one BLS call minus the stage's own time
+        parts[f"hop {stage}"] = hop_ms - parts[stage]
     parts["client"] = total - result.stats.get("total_ms", float("nan"))
     return total, parts, result.image
 
@@ -128,7 +133,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--sequential", action="store_true", help="in-process before and after the server, never together")
+    parser.add_argument("--sequential", action="store_true", help="in-process and server phases alternate, never together")
+    parser.add_argument("--cycles", type=int, default=1, help="--sequential: server phases, each bracketed by in-process ones")
+    parser.add_argument("--warmup-s", type=float, default=0.0,
+                        help="--sequential: unmeasured in-process requests for this long first (GPU at its working temperature)")
     parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds for the server to load the model")
     args = parser.parse_args()
     request = Request(prompt="a red circle on a blue background", height=args.height, width=args.width, steps=args.steps, seed=7)
@@ -139,28 +147,45 @@ def main() -> None:
     log = project_root() / "build" / "bench_server.log"
     server = TritonServer(repo, free_port(), free_port(), free_port(), backend_dir=project_root() / ".triton" / "backends", log_file=log)
     samples: dict[str, list[tuple[float, dict]]] = {"in-process": [], "served grpc": [], "served http": []}
-    if args.sequential:
-        samples["in-process (after)"] = []
     state: dict = {}
-    if args.sequential:
+    phases: list[str] = []  # "name: median ms" per phase, in order (drift shows here)
+    load_times, exit_codes = [], []
+
+    def serve_phase(with_local: bool) -> None:
+        started = time.perf_counter()
+        server.start(ready_timeout_s=args.ready_timeout)
+        load_times.append(time.perf_counter() - started)
+        try:
+            with SmartDiffusionClient(server.http_url, "http") as http, SmartDiffusionClient(server.grpc_url, "grpc") as grpc:
+                paths = {"served grpc": lambda r: served_once(grpc, r), "served http": lambda r: served_once(http, r)}
+                if with_local:
+                    paths = {"in-process": local, **paths}
+                before = {name: len(samples[name]) for name in paths}
+                run_rounds(paths, request, args.repeats, samples, state)
+                phases.extend(f"{name} {statistics.median(t for t, _ in samples[name][before[name]:]):.0f}"
+                              for name in paths if samples.get(name)[before[name]:])
+        finally:
+            exit_codes.append(server.stop())
+
+    def local_phase() -> None:
+        before = len(samples["in-process"])
         run_rounds({"in-process": local}, request, args.repeats, samples, state)
-        local.close()
-        del local
-    started = time.perf_counter()
-    server.start(ready_timeout_s=args.ready_timeout)
-    load_s = time.perf_counter() - started
-    try:
-        with SmartDiffusionClient(server.http_url, "http") as http, SmartDiffusionClient(server.grpc_url, "grpc") as grpc:
-            paths = {"served grpc": lambda r: served_once(grpc, r), "served http": lambda r: served_once(http, r)}
-            if not args.sequential:
-                paths = {"in-process": local, **paths}
-            run_rounds(paths, request, args.repeats, samples, state)
-    finally:
-        exit_code = server.stop()
+        phases.append(f"in-process {statistics.median(t for t, _ in samples['in-process'][before:]):.0f}")
+
     if args.sequential:
-        local = InProcess(args.model, args.system)
-        run_rounds({"in-process (after)": local}, request, args.repeats, samples, state)
+        warm_until = time.perf_counter() + args.warmup_s
+        while time.perf_counter() < warm_until:
+            local(request)
+        for _ in range(args.cycles):
+            local_phase()
+            local.close()
+            serve_phase(with_local=False)
+            local = InProcess(args.model, args.system)
+        local_phase()
         local.close()
+    else:
+        serve_phase(with_local=True)
+    load_s, exit_code = load_times[0], ", ".join(map(str, exit_codes))
     rows = {
         name: ([t for t, _ in runs], {k: statistics.median(s[k] for _, s in runs) for k in runs[0][1]})
         for name, runs in samples.items()
@@ -172,7 +197,8 @@ def main() -> None:
         f"# Serving overhead: {args.model}, {args.height}x{args.width}, {args.steps} steps, system {args.system}",
         "",
         f"{machine_line()}; median of {args.repeats} warm requests per path, "
-        + ("in-process, then the server, then in-process again (--sequential)" if args.sequential
+        + (f"{args.cycles} server phase(s), each between in-process phases (--sequential; {args.warmup_s:g} s of "
+           f"unmeasured in-process warm-up first); phase medians in order: {', '.join(phases)}" if args.sequential
            else "interleaved round-robin (in-process, HTTP, gRPC) so background load hits every path alike")
         + "; " + ("served images equal the in-process image." if not state.get("mismatch")
                   else f"IMAGES DIFFER from the in-process image: {', '.join(state['mismatch'])}."),
@@ -181,8 +207,8 @@ def main() -> None:
         f"Command: `python {' '.join(sys.argv)}`",
         "",
         "| path | total ms (median) | min | max | text_encoder ms | denoiser ms | vae_decoder ms | BLS hops ms | "
-        "client + frontend ms | overhead vs in-process |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "BLS hop ms (text / denoise / decode) | client + frontend ms | overhead vs in-process |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (totals, stages) in rows.items():
         median = statistics.median(totals)
@@ -190,14 +216,15 @@ def main() -> None:
         lines.append(
             f"| {name} | {median:.1f} | {min(totals):.1f} | {max(totals):.1f} | {stages['text_encoder']:.1f} | "
             f"{stages['denoiser']:.1f} | {stages['vae_decoder']:.1f} | "
-            + " | ".join(f"{stages[k]:.1f}" if k in stages else "—" for k in ("bls", "client"))
+            + (f"{stages['bls']:.1f}" if "bls" in stages else "—")
+            + " | "
+            + (" / ".join(f"{stages.get(f'hop {k}', float('nan')):.1f}" for k in ("text_encoder", "denoiser", "vae_decoder"))
+               if "bls" in stages else "—")
+            + " | "
+            + (f"{stages['client']:.1f}" if "client" in stages else "—")
             + f" | {overhead} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@
 #        overhead-1 / overhead-2 (served vs in-process, FLUX.1-dev 1024², 28 steps, 1 and 2 GPUs)
 #        overhead-1c (the same on 1 GPU with compile_transformer: true, compiled at load)
 #        throughput-gpu (requests/s vs concurrency, FLUX.1-dev, 1 GPU) · throughput-cpu (tiny-flux, cpu-1thread)
+#        bls-relay (one BLS hop per tensor: float32/bfloat16, host/GPU memory; bench/bls_relay.py)
+#        stub-speed (Python and kernel launches inside the backend stub vs the interpreter; bench/stub_speed.py)
+# REPEATS (requests per phase), CYCLES (server phases between in-process ones), WARMUP_S (unmeasured heating)
 # Each step is idempotent; /tmp/site and the weights survive between calls while the machine stays warm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,21 +47,30 @@ for step in "$@"; do
       mkdir -p weights && ln -sfn $weights weights/FLUX.1-dev ;;
     overhead-1)
       python3 bench/serve_overhead.py --model flux1-dev --system gpu-1 --height 1024 --width 1024 --steps 28 \
-        --repeats ${REPEATS:-3} --sequential --ready-timeout 900 --out "$out/serve-overhead-gpu1.md"
+        --repeats ${REPEATS:-3} --sequential --cycles ${CYCLES:-1} --warmup-s ${WARMUP_S:-0} --ready-timeout 900 \
+        --out "$out/serve-overhead-gpu1.md"
       cp build/bench_server.log "$out/server-gpu1.log" ;;
     overhead-2)
       python3 bench/serve_overhead.py --model flux1-dev --system gpu-2 --height 1024 --width 1024 --steps 28 \
-        --repeats ${REPEATS:-3} --sequential --ready-timeout 900 --out "$out/serve-overhead-gpu2.md"
+        --repeats ${REPEATS:-3} --sequential --cycles ${CYCLES:-1} --warmup-s ${WARMUP_S:-0} --ready-timeout 900 \
+        --out "$out/serve-overhead-gpu2.md"
       cp build/bench_server.log "$out/server-gpu2.log" ;;
     overhead-1c)
       sed 's/^compile_transformer:.*//' configs/system/gpu-1.yaml > /tmp/gpu-1-compiled.yaml
       echo "compile_transformer: true" >> /tmp/gpu-1-compiled.yaml
       python3 bench/serve_overhead.py --model flux1-dev --system /tmp/gpu-1-compiled.yaml --height 1024 --width 1024 \
-        --steps 28 --repeats ${REPEATS:-3} --sequential --ready-timeout 900 --out "$out/serve-overhead-gpu1-compiled.md"
+        --steps 28 --repeats ${REPEATS:-3} --sequential --cycles ${CYCLES:-1} --warmup-s ${WARMUP_S:-0} --ready-timeout 900 \
+        --out "$out/serve-overhead-gpu1-compiled.md"
       cp build/bench_server.log "$out/server-gpu1-compiled.log" ;;
     throughput-gpu)
       python3 scripts/bench_serve.py --model flux1-dev --systems gpu-1 --height 1024 --width 1024 --steps 8 \
         --requests 4 --concurrency 1,2 --no-perf-analyzer --out "$out/serve-throughput-gpu1.md" ;;
+    bls-relay)
+      python3 bench/bls_relay.py --repeats 20 --out "$out/bls-relay-gpu.md"
+      cp build/bls_relay.log "$out/bls-relay-server.log" ;;
+    stub-speed)
+      ldd "$(readlink -f "$(command -v python3)")" | grep -i libpython || echo "python3 links libpython statically"
+      python3 bench/stub_speed.py --out "$out/stub-speed-gpu.md" ;;
     throughput-cpu)
       python3 scripts/bench_serve.py --systems cpu-1thread --no-perf-analyzer --out "$out/serve-throughput-cpu-host.md" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

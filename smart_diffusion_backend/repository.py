@@ -98,7 +98,9 @@ def _queue_policy(max_queue_size: int) -> str:
 def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
     """config.pbtxt text for each of the six models of one pipeline."""
     model = ModelParams.load(entry.model_config)
-    queue = SystemParams.load(system_config).max_queue_size
+    system = SystemParams.load(system_config)
+    queue = system.max_queue_size
+    on_gpu = system.device == "cuda"
     entry_queue = _queue_policy(queue)
     # Plain and streaming orchestrators each keep at most ORCHESTRATOR_INSTANCES BLS calls waiting.
     stage_queue = _queue_policy(queue + 2 * ORCHESTRATOR_INSTANCES if queue else 0)
@@ -114,11 +116,18 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
     configs: dict[str, str] = {}
 
     def python_model(base: str, inputs: list[str], outputs: list[str], count: int, extra: str = "", **params: str) -> str:
+        # On a GPU host the stages are GPU instances on the pool's first device that take their tensor
+        # inputs where Triton holds them: embeddings and latents travel GPU to GPU (CUDA IPC), never via
+        # host memory. The orchestrators only relay, on the CPU.
+        gpu_stage = on_gpu and base not in ORCHESTRATORS
+        kind = "kind: KIND_GPU gpus: [ 0 ]" if gpu_stage else "kind: KIND_CPU"
+        if gpu_stage and base != "text_encoder":
+            params = {**params, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
         return (
             f'name: "{entry.name(base)}"\nbackend: "python"\nmax_batch_size: 0\n{extra}'
             + _io("input", inputs)
             + _io("output", outputs)
-            + f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]\n"
+            + f"instance_group [ {{ count: {count} {kind} }} ]\n"
             + (entry_queue if base in ORCHESTRATORS else stage_queue)
             + _params({**common, **params})
         )

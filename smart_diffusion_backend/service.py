@@ -1,4 +1,9 @@
-"""Stage services: numpy tensors in, numpy tensors out — what each Triton model.py wraps.
+"""Stage services: tensors in, tensors out — what each Triton model.py wraps.
+
+User params and STATS travel as numpy arrays. The stage tensors (embeddings, latents) leave a service as
+float32 torch tensors on the stage's device and may come in as numpy arrays or torch tensors on any
+device: on a GPU host they stay on the GPU from the text encoder to the VAE decoder (Triton relays them
+through CUDA IPC, bench/bls_relay.py), and the pixels leave as a uint8 numpy array.
 
 Each service owns one stage of one model family, validates the request tensors it receives
 (raising ParamError, a ValueError, for anything a user sent wrong), runs the stage and returns the
@@ -37,14 +42,25 @@ def load_params(model_name: str, system_name: str) -> tuple[ModelParams, SystemP
 
 
 def _float_tensor(inputs: Mapping[str, Any], name: str, ndim: int) -> torch.Tensor:
+    """A float32 stage tensor (numpy, or torch on any device) checked for dims and finite values."""
     if name not in inputs:
         raise ParamError(name, "is required")
-    array = np.asarray(inputs[name])
-    if array.dtype != np.float32 or array.ndim != ndim:
-        raise ParamError(name, f"expected FP32 with {ndim} dims, got {array.dtype} shape {list(array.shape)}")
-    if not np.isfinite(array).all():
+    value = inputs[name]
+    tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(np.asarray(value)))
+    if tensor.dtype != torch.float32 or tensor.ndim != ndim:
+        dtype = np.asarray(value).dtype if not isinstance(value, torch.Tensor) else tensor.dtype
+        raise ParamError(name, f"expected FP32 with {ndim} dims, got {dtype} shape {list(tensor.shape)}")
+    if not bool(torch.isfinite(tensor).all()):
         raise ParamError(name, "contains non-finite values")
-    return torch.from_numpy(np.ascontiguousarray(array))
+    return tensor
+
+
+def _finished(tensor: torch.Tensor) -> torch.Tensor:
+    """Wait for the GPU work behind a stage output, so a stage's time is its own (not charged to the
+    next stage or the hop) and the tensor is complete before another process reads it."""
+    if tensor.is_cuda:
+        torch.cuda.current_stream(tensor.device).synchronize()
+    return tensor
 
 
 def _user_values(inputs: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
@@ -63,14 +79,14 @@ class TextEncoderService:
         self.model, self.system = model, system
         self.stage = load_stage("text_encoder", model, system)
 
-    def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def __call__(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         stats = read_stats(inputs)
         params = parse_user_params(_user_values(inputs, list(TEXT_INPUTS)), self.model, self.system)
         embeddings = self.stage.encode(params.prompt, params.negative_prompt or None)
-        return {
-            "PROMPT_EMBEDS": embeddings.prompt_embeds.float().cpu().numpy(),
-            "POOLED_PROMPT_EMBEDS": embeddings.pooled_prompt_embeds.float().cpu().numpy(),
+        return {  # float32 on the stage's device (exact for bf16 embeddings)
+            "PROMPT_EMBEDS": embeddings.prompt_embeds.float().contiguous(),
+            "POOLED_PROMPT_EMBEDS": _finished(embeddings.pooled_prompt_embeds.float().contiguous()),
             "STATS": stats_tensor(add_stage_time(stats, self.stage_name, started)),
         }
 
@@ -136,7 +152,7 @@ class DenoiserService:
         inputs: Mapping[str, Any],
         progress_channel: str | None = None,
         cancel_check: Callable[[], bool] | None = None,
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, Any]:
         """`progress_channel`: a StepChannel address to report each step to (and hear cancels from);
         `cancel_check`: polled between steps (Triton's request.is_cancelled)."""
         started = time.perf_counter()
@@ -152,7 +168,7 @@ class DenoiserService:
             params={k: v for k, v in asdict(params).items() if k not in ("prompt", "negative_prompt")},
         )
         return {
-            "LATENTS": latents.float().cpu().numpy(),
+            "LATENTS": _finished(latents.float().contiguous()),
             "STATS": stats_tensor(add_stage_time(stats, self.stage_name, started)),
         }
 
@@ -178,7 +194,7 @@ class DecoderService:
         if self.pool is not None:
             self.pool.close()
 
-    def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def __call__(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         stats = read_stats(inputs)
         latents = _float_tensor(inputs, "LATENTS", 5 if self.model.task == "video" else 4)

@@ -141,20 +141,35 @@ def input_names(config: Mapping[str, Any]) -> list[str]:
     return [tensor["name"] for tensor in config.get("input", [])]
 
 
-def read_inputs(pb, request, names: list[str]) -> dict[str, np.ndarray]:
-    """The request's input tensors present among `names` (optional inputs may be absent)."""
+def read_inputs(pb, request, names: list[str]) -> dict[str, Any]:
+    """The request's input tensors present among `names` (optional inputs may be absent): numpy arrays,
+    except a tensor in GPU memory, which becomes a torch tensor on that GPU (DLPack, no copy)."""
     values = {}
     for name in names:
         tensor = pb.get_input_tensor_by_name(request, name)
         if tensor is not None:
-            values[name] = tensor.as_numpy()
+            values[name] = tensor.as_numpy() if tensor.is_cpu() else _torch_from_triton(tensor)
     return values
 
 
+def _torch_from_triton(tensor):
+    import torch  # only stage processes get GPU tensors; the orchestrators never import torch
+
+    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+
+
 def as_tensor(pb, name: str, value: Any):
-    """A numpy array becomes a Triton tensor; a tensor out of a BLS response is passed on as it is
-    (it already lives in shared memory: relaying it costs no copy in this process)."""
-    return pb.Tensor(name, value) if isinstance(value, np.ndarray) else value
+    """A numpy array or torch tensor becomes a Triton tensor (a GPU tensor stays on its GPU, shared by
+    DLPack); a tensor out of a BLS response is passed on as it is (it already lives in shared or GPU
+    memory: relaying it costs no copy in this process)."""
+    if isinstance(value, np.ndarray):
+        # A strided array (a transposed view) is copied element by element by Triton's constructor.
+        return pb.Tensor(name, np.ascontiguousarray(value))
+    if type(value).__module__ == "torch" and type(value).__name__ == "Tensor":
+        if value.device.type == "cpu" or value.numel() == 0:  # an empty one (Wan's pooled) has nothing to share
+            return pb.Tensor(name, np.ascontiguousarray(value.cpu().numpy()))
+        return pb.Tensor.from_dlpack(name, value.contiguous())
+    return value
 
 
 def response(pb, outputs: Mapping[str, Any]):
@@ -220,16 +235,23 @@ class StageError(RuntimeError):
         self.message, self.code = message, code
 
 
-def call_stage(pb, model_name: str, inputs: Mapping[str, Any], outputs: list[str]) -> dict[str, Any]:
+def call_stage(
+    pb, model_name: str, inputs: Mapping[str, Any], outputs: list[str], gpu_outputs: bool = False
+) -> dict[str, Any]:
     """A blocking BLS call to one stage model; its error (and code) becomes a StageError.
 
     Inputs are numpy arrays or tensors of an earlier stage's response; the outputs come back as Triton
     tensors, so the orchestrator relays embeddings, latents and pixels without copying them (read one
-    with `.as_numpy()`)."""
+    with `.as_numpy()`). `gpu_outputs`: outputs the stage made on the GPU stay there (CUDA IPC) instead
+    of being copied to host memory and back for the next stage."""
+    extra = {}
+    if gpu_outputs:
+        extra["preferred_memory"] = pb.PreferredMemory(pb.TRITONSERVER_MEMORY_GPU, 0)
     request = pb.InferenceRequest(
         model_name=model_name,
         inputs=[as_tensor(pb, name, value) for name, value in inputs.items()],
         requested_output_names=outputs,
+        **extra,
     )
     result = request.exec()
     if result.has_error():
@@ -319,6 +341,8 @@ class PipelineOrchestrator:
         self.pb, self.model, self.system = pb, model, system
         self.stage_models = dict(stage_models)
         self.output = output_name(model)
+        # Stages on a GPU keep embeddings and latents there between them (the pixels come back to host).
+        self.gpu_stage_tensors = system.device == "cuda"
 
     def parse(self, inputs: Mapping[str, np.ndarray]):
         return parse_user_params(inputs, self.model, self.system)
@@ -335,32 +359,49 @@ class PipelineOrchestrator:
         within one denoising step (the denoiser hears it on the step channel), or before the next stage."""
         started = time.perf_counter()
         stop = _StopCondition(cancel_check, started + timeout_s if timeout_s else None, timeout_s)
+        hop_started = time.perf_counter()
         encoded = call_stage(
             self.pb,
             self.stage_models["text_encoder_model"],
             text_tensors(params),
             ["PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS", "STATS"],
+            gpu_outputs=self.gpu_stage_tensors,
         )
+        hops_ms = {"text_encoder": _ms_since(hop_started)}
         stop.check("before denoising")
         denoise_inputs = {**encoded, **user_param_tensors(params)}
         with StepChannel() as channel, _StepRelay(channel, on_progress, stop):
             denoise_inputs["PROGRESS_CHANNEL"] = np.array([channel.address.encode()], dtype=np.object_)
             try:
+                hop_started = time.perf_counter()
                 denoised = call_stage(
-                    self.pb, self.stage_models["denoiser_model"], denoise_inputs, ["LATENTS", "STATS"]
+                    self.pb,
+                    self.stage_models["denoiser_model"],
+                    denoise_inputs,
+                    ["LATENTS", "STATS"],
+                    gpu_outputs=self.gpu_stage_tensors,
                 )
+                hops_ms["denoiser"] = _ms_since(hop_started)
             except StageError as exc:
                 why = stop.reason()
                 if why is None:
                     raise
                 raise DenoiseCancelled(f"{why}; the denoiser stopped: {exc.message}") from None
         stop.check("before decoding")
+        hop_started = time.perf_counter()
         decoded = call_stage(self.pb, self.stage_models["vae_decoder_model"], denoised, [self.output, "STATS"])
+        hops_ms["vae_decoder"] = _ms_since(hop_started)
 
         stats = read_stats({"STATS": decoded["STATS"].as_numpy()})
         stats["total_ms"] = round((time.perf_counter() - started) * 1000, 3)
         stats["orchestration_ms"] = round(stats["total_ms"] - sum(stats.get("stages_ms", {}).values()), 3)
+        # Each BLS call's wall time as the orchestrator saw it; minus the stage's own ms = that hop's cost.
+        stats["hops_ms"] = hops_ms
         return {self.output: decoded[self.output], "STATS": stats_tensor(stats)}
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
 
 
 class _StopCondition:

@@ -33,3 +33,18 @@ def test_several_pipelines_get_prefixed_names(tmp_path):
     assert 'model_name: "tiny-flux_vae_decoder"' in ensemble
     model_py = (tmp_path / "tiny-flux_denoiser" / "1" / "model.py").read_text()
     assert model_py == (ROOT / "model_repository" / "denoiser" / "1" / "model.py").read_text()
+
+
+def test_gpu_systems_keep_stage_tensors_on_the_gpu():
+    """On a GPU host the stages are GPU instances taking inputs where Triton holds them (no host round
+    trip for embeddings and latents); the orchestrators stay CPU relays. CPU systems keep CPU instances."""
+    gpu = model_configs(PipelineEntry(DEFAULT_MODEL, ""), "gpu-1")
+    for stage in ("text_encoder", "denoiser", "vae_decoder"):
+        assert "kind: KIND_GPU gpus: [ 0 ]" in gpu[stage], stage
+    for stage in ("denoiser", "vae_decoder"):
+        assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" }' in gpu[stage], stage
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in gpu["text_encoder"]  # its inputs are strings
+    for orchestrator in ("smart_diffusion", "smart_diffusion_stream"):
+        assert "kind: KIND_CPU" in gpu[orchestrator] and "KIND_GPU" not in gpu[orchestrator]
+    cpu = model_configs(PipelineEntry(DEFAULT_MODEL, ""), "cpu")
+    assert all("KIND_GPU" not in text and "FORCE_CPU_ONLY" not in text for text in cpu.values())

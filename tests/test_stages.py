@@ -64,12 +64,36 @@ def test_services_validate_their_wire_tensors(tiny_flux, cpu_system):
     denoiser = DenoiserService(tiny_flux, cpu_system)
     decoder = DecoderService(tiny_flux, cpu_system)
     encoded = encoder({"PROMPT": np.array([b"a cat"], dtype=np.object_)})
-    assert encoded["PROMPT_EMBEDS"].dtype == np.float32 and encoded["PROMPT_EMBEDS"].ndim == 3
+    # Stage tensors leave as float32 torch tensors on the stage's device (they stay there between stages).
+    assert isinstance(encoded["PROMPT_EMBEDS"], torch.Tensor)
+    assert encoded["PROMPT_EMBEDS"].dtype == torch.float32 and encoded["PROMPT_EMBEDS"].ndim == 3
     with pytest.raises(ParamError, match="PROMPT_EMBEDS: expected FP32 with 3 dims"):
         denoiser({**encoded, "PROMPT_EMBEDS": encoded["PROMPT_EMBEDS"][0]})
+    with pytest.raises(ParamError, match="PROMPT_EMBEDS: expected FP32 with 3 dims, got float16"):
+        denoiser({**encoded, "PROMPT_EMBEDS": encoded["PROMPT_EMBEDS"].numpy().astype(np.float16)})
     with pytest.raises(ParamError, match="POOLED_PROMPT_EMBEDS: contains non-finite"):
-        denoiser({**encoded, "POOLED_PROMPT_EMBEDS": np.full_like(encoded["POOLED_PROMPT_EMBEDS"], np.nan)})
+        denoiser({**encoded, "POOLED_PROMPT_EMBEDS": np.full(tuple(encoded["POOLED_PROMPT_EMBEDS"].shape), np.nan, np.float32)})
+    with pytest.raises(ParamError, match="POOLED_PROMPT_EMBEDS: contains non-finite"):
+        denoiser({**encoded, "POOLED_PROMPT_EMBEDS": torch.full_like(encoded["POOLED_PROMPT_EMBEDS"], float("inf"))})
+    # numpy (what a client sends) and torch (what a stage hands on) give the same latents.
+    params = {"HEIGHT": np.array([64], np.int32), "WIDTH": np.array([64], np.int32), "STEPS": np.array([2], np.int32),
+              "SEED": np.array([3], np.int64)}
+    from_torch = denoiser({**encoded, **params})["LATENTS"]
+    from_numpy = denoiser({**{k: v.numpy() for k, v in encoded.items() if k != "STATS"}, **params})["LATENTS"]
+    assert torch.equal(from_torch, from_numpy)
     with pytest.raises(ParamError, match="LATENTS"):
         decoder({"LATENTS": np.zeros((1, 3, 8, 8), np.float32)})
     with pytest.raises(ParamError, match="STATS: is not a JSON object"):
         decoder({"LATENTS": np.zeros((1, 16, 8, 8), np.float32), "STATS": np.array([b"[1]"], dtype=np.object_)})
+
+
+def test_pixels_leave_the_decoder_contiguous():
+    """Triton copies a strided array element by element (~10 ms for a 1024² image): the channels-last
+    pixels must be laid out as such, with diffusers' rounding."""
+    from smart_diffusion_backend.families.base import to_uint8
+
+    images = torch.rand(1, 3, 16, 24) * 2 - 1
+    pixels = to_uint8(images)
+    assert pixels.shape == (1, 16, 24, 3) and pixels.dtype == np.uint8 and pixels.flags["C_CONTIGUOUS"]
+    expected = ((images * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(pixels, expected)

@@ -188,7 +188,7 @@ def test_cfg_without_a_negative_row_is_refused(stages):
 
 def test_services_pass_empty_pooled_embeddings_and_check_5d_latents(tiny_wan, cpu_system):
     encoded = TextEncoderService(tiny_wan, cpu_system)({"PROMPT": np.array([b"a cat"], dtype=np.object_)})
-    assert encoded["POOLED_PROMPT_EMBEDS"].shape == (2, 0) and encoded["POOLED_PROMPT_EMBEDS"].dtype == np.float32
+    assert encoded["POOLED_PROMPT_EMBEDS"].shape == (2, 0) and encoded["POOLED_PROMPT_EMBEDS"].dtype == torch.float32
     decoder = DecoderService(tiny_wan, cpu_system)
     with pytest.raises(ParamError, match="LATENTS: expected FP32 with 5 dims"):
         decoder({"LATENTS": np.zeros((1, 16, 8, 8), np.float32)})

@@ -91,7 +91,7 @@ class PooledDenoiser:
         try:
             return self.pool.execute(
                 "denoise",
-                (embeddings.prompt_embeds.numpy(), embeddings.pooled_prompt_embeds.numpy(), params, channel),
+                (embeddings.prompt_embeds.cpu().numpy(), embeddings.pooled_prompt_embeds.cpu().numpy(), params, channel),
                 cancel_check=cancel_check,
             )
         except JobCancelledError as exc:
