@@ -132,7 +132,25 @@ class BenchWorker:
                 self.ctx.heartbeat()
         return times, out
 
-    def bench(self, mode: str, warmup: int, iters: int) -> dict[str, Any]:
+    def _profile(self) -> dict[str, float]:
+        """One more forward under torch.profiler: GPU kernel ms by kind (this rank), and the wall ms."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            started = time.perf_counter()
+            self.model(**self.inputs)
+            self._sync()
+            wall = time.perf_counter() - started
+        kinds: dict[str, float] = {"wall": wall * 1000}
+        for event in prof.key_averages():
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+            kind = _kernel_kind(event.key)
+            kinds[kind] = kinds.get(kind, 0.0) + us / 1000
+        return {k: round(v, 1) for k, v in sorted(kinds.items())}
+
+    def bench(self, mode: str, warmup: int, iters: int, profile: bool = False) -> dict[str, Any]:
         from smart_diffusion_backend.parallel import SPTransformerConfig, parallelize_transformer
 
         n = self.ctx.world_size
@@ -154,6 +172,7 @@ class BenchWorker:
             handle = parallelize_transformer(self.model, SPTransformerConfig(attention_backend=self.attention))
         try:
             times, out = self._time(warmup, iters)
+            kernel_ms = self._profile() if profile and self.ctx.device.type == "cuda" else None
         finally:
             if handle is not None:
                 handle.remove()
@@ -171,7 +190,25 @@ class BenchWorker:
             res["plan"] = handle.attention.plan(self.model.config.num_attention_heads)
         if self.ctx.device.type == "cuda":
             res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if kernel_ms is not None:
+            res["kernel_ms_rank0"] = kernel_ms
         return res
+
+
+_KERNEL_KINDS = (  # first match wins: attention kernels also contain "sm90"/"gemm"-like fragments
+    ("nccl", ("nccl",)),
+    ("attention", ("sdpa", "flash", "fmha", "attn", "_attn_fwd")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "sm80_")),
+    ("copy", ("copy", "memcpy", "memset", "cat", "index", "gather", "scatter")),
+)
+
+
+def _kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, fragments in _KERNEL_KINDS:
+        if any(f in lowered for f in fragments):
+            return kind
+    return "other (elementwise, norms)"
 
 
 def _init_bench(ctx: WorkerContext, model: str, attention: str) -> BenchWorker:
@@ -188,6 +225,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="one more forward per mode under torch.profiler: kernel ms by kind")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out_path = Path(args.out or Path(__file__).parent / "results" / f"sp_{args.model}.jsonl")
@@ -220,7 +258,7 @@ def main() -> None:
             try:
                 for mode in modes:
                     try:
-                        res = pool.run("bench", mode, args.warmup, args.iters)
+                        res = pool.run("bench", mode, args.warmup, args.iters, args.profile)
                     except Exception as e:  # noqa: BLE001 - report and go on with the next mode
                         res = dict(mode=mode, gpus=n, error=f"{type(e).__name__}: {str(e).splitlines()[0]}")
                     res.update(model=args.model, attention=args.attention)

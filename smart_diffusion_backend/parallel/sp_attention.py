@@ -83,9 +83,11 @@ def ulysses_all_to_all_qkv(
     b, h, s, d = q.shape
     if h % u:
         raise ValueError(f"ulysses all-to-all needs heads ({h}) divisible by the ulysses degree ({u})")
-    qkv = torch.stack((q, k, v))  # [3, b, h, s/U, d]
-    # [3, b, h, s/U, d] -> [3, b, U, h/U, s/U, d] -> [U, 3, b, h/U, s/U, d]: head group j goes to rank j
-    send = qkv.reshape(3, b, u, h // u, s, d).permute(2, 0, 1, 3, 4, 5).contiguous()
+    # send[j, i] = head group j of tensor i: [U, 3, b, h/U, s/U, d], head group j goes to rank j. Each of q, k, v
+    # is copied once, straight from its own (possibly [B, S, H, D]-strided) layout: no intermediate stack.
+    send = q.new_empty((u, 3, b, h // u, s, d))
+    for i, t in enumerate((q, k, v)):
+        send[:, i].copy_(t.reshape(b, u, h // u, s, d).movedim(1, 0))
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group.group)
     # recv[j] = sequence chunk of rank j for my head group: [U, 3, b, h/U, s/U, d] -> [3, b, h/U, U, s/U, d]
