@@ -168,6 +168,13 @@ class SystemParams:
     def world_size(self) -> int:
         return self.ulysses_degree * self.ring_degree * self.cfg_degree
 
+    @property
+    def stage_tensors_on_gpu(self) -> bool:
+        """Embeddings and latents stay in GPU memory between the stages (GPU stage instances, CUDA IPC through
+        BLS). Only with one rank: a worker pool takes and returns host arrays anyway, and on 2× H100 a
+        pooled server with GPU-resident stage tensors left the text encoder stuck at unload."""
+        return self.device == "cuda" and self.world_size == 1
+
     @classmethod
     def load(cls, name_or_path: str) -> "SystemParams":
         path = config_path("system", name_or_path)

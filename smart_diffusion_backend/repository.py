@@ -100,7 +100,7 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
     model = ModelParams.load(entry.model_config)
     system = SystemParams.load(system_config)
     queue = system.max_queue_size
-    on_gpu = system.device == "cuda"
+    on_gpu = system.stage_tensors_on_gpu
     entry_queue = _queue_policy(queue)
     # Plain and streaming orchestrators each keep at most ORCHESTRATOR_INSTANCES BLS calls waiting.
     stage_queue = _queue_policy(queue + 2 * ORCHESTRATOR_INSTANCES if queue else 0)

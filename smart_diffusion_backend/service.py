@@ -1,9 +1,10 @@
 """Stage services: tensors in, tensors out — what each Triton model.py wraps.
 
 User params and STATS travel as numpy arrays. The stage tensors (embeddings, latents) leave a service as
-float32 torch tensors on the stage's device and may come in as numpy arrays or torch tensors on any
-device: on a GPU host they stay on the GPU from the text encoder to the VAE decoder (Triton relays them
-through CUDA IPC, bench/bls_relay.py), and the pixels leave as a uint8 numpy array.
+float32 torch tensors and may come in as numpy arrays or torch tensors on any device. With one GPU rank
+(`SystemParams.stage_tensors_on_gpu`) they stay on the GPU from the text encoder to the VAE decoder
+(Triton relays them through CUDA IPC, bench/bls_relay.py); otherwise they are in host memory. The
+pixels leave as a uint8 numpy array.
 
 Each service owns one stage of one model family, validates the request tensors it receives
 (raising ParamError, a ValueError, for anything a user sent wrong), runs the stage and returns the
@@ -63,6 +64,13 @@ def _finished(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _wire(tensor: torch.Tensor, system: SystemParams) -> torch.Tensor:
+    """A stage output as it goes on the wire: float32, contiguous, finished; in host memory unless the
+    system keeps stage tensors on the GPU."""
+    tensor = tensor.float().contiguous()
+    return _finished(tensor) if system.stage_tensors_on_gpu else tensor.cpu()
+
+
 def _user_values(inputs: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
     return {n: inputs[n] for n in names if n in inputs}
 
@@ -85,8 +93,8 @@ class TextEncoderService:
         params = parse_user_params(_user_values(inputs, list(TEXT_INPUTS)), self.model, self.system)
         embeddings = self.stage.encode(params.prompt, params.negative_prompt or None)
         return {  # float32 on the stage's device (exact for bf16 embeddings)
-            "PROMPT_EMBEDS": embeddings.prompt_embeds.float().contiguous(),
-            "POOLED_PROMPT_EMBEDS": _finished(embeddings.pooled_prompt_embeds.float().contiguous()),
+            "PROMPT_EMBEDS": _wire(embeddings.prompt_embeds, self.system),
+            "POOLED_PROMPT_EMBEDS": _wire(embeddings.pooled_prompt_embeds, self.system),
             "STATS": stats_tensor(add_stage_time(stats, self.stage_name, started)),
         }
 
@@ -168,7 +176,7 @@ class DenoiserService:
             params={k: v for k, v in asdict(params).items() if k not in ("prompt", "negative_prompt")},
         )
         return {
-            "LATENTS": _finished(latents.float().contiguous()),
+            "LATENTS": _wire(latents, self.system),
             "STATS": stats_tensor(add_stage_time(stats, self.stage_name, started)),
         }
 

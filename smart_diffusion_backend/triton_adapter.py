@@ -342,7 +342,7 @@ class PipelineOrchestrator:
         self.stage_models = dict(stage_models)
         self.output = output_name(model)
         # Stages on a GPU keep embeddings and latents there between them (the pixels come back to host).
-        self.gpu_stage_tensors = system.device == "cuda"
+        self.gpu_stage_tensors = system.stage_tensors_on_gpu
 
     def parse(self, inputs: Mapping[str, np.ndarray]):
         return parse_user_params(inputs, self.model, self.system)

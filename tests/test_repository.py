@@ -46,5 +46,7 @@ def test_gpu_systems_keep_stage_tensors_on_the_gpu():
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in gpu["text_encoder"]  # its inputs are strings
     for orchestrator in ("smart_diffusion", "smart_diffusion_stream"):
         assert "kind: KIND_CPU" in gpu[orchestrator] and "KIND_GPU" not in gpu[orchestrator]
-    cpu = model_configs(PipelineEntry(DEFAULT_MODEL, ""), "cpu")
-    assert all("KIND_GPU" not in text and "FORCE_CPU_ONLY" not in text for text in cpu.values())
+    # CPU systems, and pooled GPU systems (the pool takes and returns host arrays), keep CPU instances.
+    for system in ("cpu", "gpu-2"):
+        configs = model_configs(PipelineEntry(DEFAULT_MODEL, ""), system)
+        assert all("KIND_GPU" not in text and "FORCE_CPU_ONLY" not in text for text in configs.values()), system

@@ -75,39 +75,68 @@ def resolve_attention_backend(backend: str | AttentionFn) -> AttentionFn:
 # ---- Ulysses ---------------------------------------------------------------------------------------
 
 
+def _head_groups_to_ranks(t: torch.Tensor, u: int) -> torch.Tensor:
+    """``[b, h, s, d]`` (any strides) -> a contiguous send buffer ``[U, b, s, h/U, d]``: head group j to rank j.
+
+    The sequence-major order inside each chunk is the ``[B, S, H, D]`` layout the projections produce, so
+    the copy reads long contiguous runs, and what a rank receives is already attention-ready (see below)."""
+    b, h, s, d = t.shape
+    grouped = t.reshape(b, u, h // u, s, d).permute(1, 0, 3, 2, 4)  # [U, b, s, h/U, d], a view
+    if grouped.is_contiguous():
+        return grouped
+    send = t.new_empty(grouped.shape)
+    send.copy_(grouped)
+    return send
+
+
+def _attention_view(recv: torch.Tensor) -> torch.Tensor:
+    """``[U, b, s/U, h/U, d]`` (rank j's sequence chunk for my heads) -> ``[b, h/U, S, d]``: a free view when
+    b == 1 (the chunks lie in sequence order; memory is ``[S, h/U, d]``, the layout the kernels take)."""
+    u, b, s, hu, d = recv.shape
+    return recv.permute(1, 3, 0, 2, 4).reshape(b, hu, u * s, d)
+
+
 def ulysses_all_to_all_qkv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ps.GroupInfo
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One all-to-all for q/k/v together: ``[B, H, S/U, D]`` -> ``[B, H/U, S, D]`` (sequence in rank order)."""
+    """``[B, H, S/U, D]`` -> ``[B, H/U, S, D]`` (sequence in rank order) for q, k and v.
+
+    One copy per tensor (into its send buffer) and none after: three asynchronous all-to-alls, so q's
+    transfer runs while k and v are copied."""
     u = group.world_size
-    b, h, s, d = q.shape
+    h = q.shape[1]
     if h % u:
         raise ValueError(f"ulysses all-to-all needs heads ({h}) divisible by the ulysses degree ({u})")
-    # send[j, i] = head group j of tensor i: [U, 3, b, h/U, s/U, d], head group j goes to rank j. Each of q, k, v
-    # is copied once, straight from its own (possibly [B, S, H, D]-strided) layout: no intermediate stack.
-    send = q.new_empty((u, 3, b, h // u, s, d))
-    for i, t in enumerate((q, k, v)):
-        send[:, i].copy_(t.reshape(b, u, h // u, s, d).movedim(1, 0))
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group.group)
-    # recv[j] = sequence chunk of rank j for my head group: [U, 3, b, h/U, s/U, d] -> [3, b, h/U, U, s/U, d]
-    # -> [3, b, h/U, s, d]
-    qkv = recv.permute(1, 2, 3, 0, 4, 5).reshape(3, b, h // u, u * s, d)
-    return qkv[0], qkv[1], qkv[2]
+    transfers = []
+    for t in (q, k, v):
+        send = _head_groups_to_ranks(t, u)
+        recv = torch.empty_like(send)
+        transfers.append((recv, dist.all_to_all_single(recv, send, group=group.group, async_op=True)))
+    received = []
+    for recv, work in transfers:
+        work.wait()
+        received.append(_attention_view(recv))
+    return received[0], received[1], received[2]
 
 
 def _ulysses_back(x: torch.Tensor, group: ps.GroupInfo) -> torch.Tensor:
-    """Inverse all-to-all: ``[B, H/U, S, *rest]`` -> ``[B, H, S/U, *rest]`` (rest = (D,) for out, () for lse)."""
+    """Inverse all-to-all: ``[B, H/U, S, *rest]`` -> ``[B, H, S/U, *rest]`` (rest = (D,) for out, () for lse).
+
+    The result's memory is ``[B, S/U, H, *rest]`` (a transposed view), which the processors flatten into
+    the output projection's input without another copy."""
     u = group.world_size
     b, hu, s_full = x.shape[:3]
-    rest = x.shape[3:]
+    rest = tuple(x.shape[3:])
     s = s_full // u
-    # [b, h/U, s, *rest] -> [b, h/U, U, s/U, *rest] -> [U, b, h/U, s/U, *rest]: sequence chunk j goes to rank j
-    send = x.reshape(b, hu, u, s, *rest).movedim(2, 0).contiguous()
+    tail = tuple(range(4, 4 + len(rest)))
+    # [b, h/U, S, *rest] -> [U, b, s, h/U, *rest]: sequence chunk j goes to rank j (free when x is [b, S, h/U, *rest])
+    chunks = x.reshape(b, hu, u, s, *rest).permute(2, 0, 3, 1, *tail)
+    send = chunks if chunks.is_contiguous() else chunks.contiguous()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group.group)
-    # recv[j] = head group j of my sequence chunk: [U, b, h/U, s/U, *rest] -> [b, U, h/U, s/U, *rest] -> [b, h, s/U, *rest]
-    return recv.movedim(0, 1).reshape(b, u * hu, s, *rest)
+    # recv[j] = head group j of my sequence chunk: [U, b, s, h/U, *rest] -> [b, s, U, h/U, *rest] -> [b, h, s, *rest]
+    heads_last = recv.permute(1, 2, 0, 3, *tail).reshape(b, s, u * hu, *rest)
+    return heads_last.transpose(1, 2)
 
 
 # ---- Ring ------------------------------------------------------------------------------------------
