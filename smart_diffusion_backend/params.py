@@ -204,11 +204,6 @@ class SystemParams:
             (self.max_pixels_per_request > 0, "max_pixels_per_request must be > 0"),
             (self.max_steps > 0, "max_steps must be > 0"),
             (self.max_queue_size >= 0, "max_queue_size must be >= 0 (0: unbounded)"),
-            (
-                not self.compile_transformer or self.world_size == 1,
-                f"compile_transformer needs one rank (ulysses x ring x cfg degree = {self.world_size}): "
-                "the worker pool runs eager",
-            ),
         ]
         for ok, message in checks:
             if not ok:

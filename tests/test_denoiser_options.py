@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from smart_diffusion_backend.attention.processors import FluxPluggableAttnProcessor, WanPluggableAttnProcessor
-from smart_diffusion_backend.params import ConfigError, SystemParams, parse_user_params
+from smart_diffusion_backend.params import SystemParams, parse_user_params
 from smart_diffusion_backend.service import load_stage
 
 from .test_wan import ensure_tiny_wan
@@ -42,9 +42,22 @@ def flux_eager(tiny_flux, cpu_system):
     return load_stage("denoiser", tiny_flux, cpu_system)
 
 
-def test_compile_needs_one_rank():
-    with pytest.raises(ConfigError, match="compile_transformer needs one rank"):
-        dataclasses.replace(SystemParams.load("cpu-sp2"), compile_transformer=True).validate()
+def test_compiled_pool_equals_the_eager_one_rank_denoiser(tiny_flux, cpu_system, flux_embeddings, flux_eager):
+    """A Ulysses-2 pool with compile_transformer: each rank compiles after its SP processors are in and
+    warms up with the other; the output equals the eager one-rank denoiser in float32."""
+    from smart_diffusion_backend.parallel.denoise_worker import PooledDenoiser
+
+    system = dataclasses.replace(SystemParams.load("cpu-sp2"), compile_transformer=True)
+    system.validate()
+    pool = PooledDenoiser(tiny_flux, system)
+    try:
+        seconds = pool.pool.run_all("compile_seconds")
+        assert len(seconds) == 2 and all(s is not None and s > 0 for s in seconds), seconds
+        params = user_params(tiny_flux, cpu_system, steps=4)
+        latents, _ = pool.denoise(flux_embeddings, params, None)
+        assert rel_l2(latents, flux_eager.denoise(flux_embeddings, params)) <= 1e-5
+    finally:
+        pool.close()
 
 
 def test_compiled_flux_equals_eager_and_keeps_the_cache(tiny_flux, cpu_system, flux_embeddings, flux_eager):

@@ -115,15 +115,21 @@ class DenoiserStage(Stage):
             for transformer in self.transformers():
                 install_attention(transformer, attention)
         if self.system.compile_transformer:
-            from ..attention.compile import compile_repeated_blocks
+            self.compile_transformers()
 
-            # dynamic=None: the default size compiles static at load; the first other size recompiles with
-            # dynamic shapes, which then serves every later size without more compiles.
-            blocks = sum(compile_repeated_blocks(t, dynamic=None) for t in self.transformers())
-            self.compile_seconds = self.warm_up()
-            logger.info("%s: compiled %d repeated blocks; warm-up at %dx%d took %.1f s (compile included)",
-                        self.model.name, blocks, self.model.default_height, self.model.default_width,
-                        self.compile_seconds)
+    def compile_transformers(self, fullgraph: bool = True) -> None:
+        """Regional compile of the repeated blocks, then a timed warm-up so no request pays the compile.
+        A pool worker calls it after its sequence-parallel processors are in, on every rank at once (the
+        warm-up runs the collectives), with fullgraph=False: the all-to-alls break the block graphs."""
+        from ..attention.compile import compile_repeated_blocks
+
+        # dynamic=None: the default size compiles static at load; the first other size recompiles with
+        # dynamic shapes, which then serves every later size without more compiles.
+        blocks = sum(compile_repeated_blocks(t, dynamic=None, fullgraph=fullgraph) for t in self.transformers())
+        self.compile_seconds = self.warm_up()
+        logger.info("%s: compiled %d repeated blocks; warm-up at %dx%d took %.1f s (compile included)",
+                    self.model.name, blocks, self.model.default_height, self.model.default_width,
+                    self.compile_seconds)
 
     @abstractmethod
     def warm_up_embeddings(self) -> Embeddings:

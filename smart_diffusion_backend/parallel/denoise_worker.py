@@ -9,6 +9,7 @@ pool-wide cancel flag, and all ranks stop together at the next step (a collectiv
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -29,14 +30,22 @@ class DenoiseWorker:
         self.model, self.system = model, system
         if system.torch_threads:
             torch.set_num_threads(system.torch_threads)
-        self.stage = load_stage("denoiser", self.model, self.system)
+        # Loaded eager: the blocks are compiled below, once the parallel processors are in (compiling first
+        # would trace the one-rank processors and recompile at the first request).
+        self.stage = load_stage("denoiser", self.model, dataclasses.replace(system, compile_transformer=False))
         if ctx.parallel.sp_degree > 1:
             self.sp_handle = parallelize_transformer(
                 self.stage.transformer, SPTransformerConfig(attention_backend=self.system.attention_backend)
             )
         if ctx.parallel.cfg_degree > 1:
             self.stage.run_branches = cfg_parallel
+        if system.compile_transformer:
+            self.stage.compile_transformers(fullgraph=False)  # every rank warms up together
         ctx.heartbeat()
+
+    def compile_seconds(self) -> float | None:
+        """This rank's compile + warm-up seconds (None when the blocks run eager)."""
+        return self.stage.compile_seconds
 
     def denoise(
         self, prompt_embeds: np.ndarray, pooled: np.ndarray, params: UserParams, channel: str | None
@@ -81,6 +90,8 @@ class PooledDenoiser:
             device=system.device,
             step_timeout_s=step_timeout_s,
             num_threads=threads,
+            # compiling the blocks (and the warm-up) is part of every worker's start-up
+            start_timeout_s=900.0 if system.compile_transformer else 300.0,
         )
         self.pool.start()
 
