@@ -11,8 +11,10 @@ GPU), so it also exercises the pool the server uses.
 
 Prints one JSON line per (gpus, mode) and appends them to --out (default bench/results/sp_<model>.jsonl).
 Modes: ``ours`` (1 GPU: our processors + backend, no parallelism), ``ulysses``, ``ring``, ``hybrid``
-(ulysses 2 x ring N/2, N >= 4), ``diffusers`` (1 GPU: eager diffusers; N GPUs: its Ulysses). diffusers runs
-last in each pool because enable_parallelism cannot be undone.
+(ulysses 2 x ring N/2, N >= 4), ``diffusers`` (1 GPU: eager diffusers; N GPUs: its Ulysses), and
+``ours+compile`` / ``ulysses+compile`` (regional compile of the repeated blocks as ``compile_transformer``
+does it in the pool; the compile is timed apart, as ``compile_s``). diffusers runs last in each pool because
+enable_parallelism cannot be undone.
 """
 
 from __future__ import annotations
@@ -167,13 +169,29 @@ class BenchWorker:
                     torch.accelerator.device_count = lambda: 1
                 self.model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=n))
         else:
-            degrees = {"ours": (1, 1), "ulysses": (n, 1), "ring": (1, n), "hybrid": (2, n // 2)}[mode]
+            base, _, variant = mode.partition("+")
+            degrees = {"ours": (1, 1), "ulysses": (n, 1), "ring": (1, n), "hybrid": (2, n // 2)}[base]
             ps.set_parallel_degrees(ulysses_degree=degrees[0], ring_degree=degrees[1])
             handle = parallelize_transformer(self.model, SPTransformerConfig(attention_backend=self.attention))
+        compiled = mode.endswith("+compile")
+        compile_s = None
+        if compiled:  # what compile_transformer does in the pool: after the SP processors, graphs break at collectives
+            from smart_diffusion_backend.attention.compile import compile_repeated_blocks
+
+            compile_repeated_blocks(self.model, dynamic=None, fullgraph=False)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                self.model(**self.inputs)  # the compile, kept out of the timing
+            self._sync()
+            compile_s = time.perf_counter() - started
         try:
             times, out = self._time(warmup, iters)
             kernel_ms = self._profile() if profile and self.ctx.device.type == "cuda" else None
         finally:
+            if compiled:
+                for module in self.model.modules():
+                    module.__dict__.pop("forward", None)  # back to the class's eager forward
+                torch._dynamo.reset()
             if handle is not None:
                 handle.remove()
         out = out.float().cpu()
@@ -192,6 +210,8 @@ class BenchWorker:
             res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if kernel_ms is not None:
             res["kernel_ms_rank0"] = kernel_ms
+        if compile_s is not None:
+            res["compile_s"] = round(compile_s, 1)
         return res
 
 
@@ -249,7 +269,8 @@ def main() -> None:
             if n > available:
                 print(json.dumps(dict(gpus=n, skipped=f"only {available} devices")), flush=True)
                 continue
-            valid = {"ours": n == 1, "ulysses": n > 1, "ring": n > 1, "hybrid": n >= 4 and n % 2 == 0, "diffusers": True}
+            valid = {"ours": n == 1, "ulysses": n > 1, "ring": n > 1, "hybrid": n >= 4 and n % 2 == 0, "diffusers": True,
+                     "ours+compile": n == 1, "ulysses+compile": n > 1}
             modes = [m for m in args.modes if valid.get(m, False)]
             modes = sorted(modes, key=lambda m: m == "diffusers")  # enable_parallelism is one-way: last
             pool = WorkerPool(n, _init_bench, init_kwargs=dict(model=args.model, attention=args.attention),
