@@ -19,7 +19,7 @@ import numpy as np
 
 from .params import ConfigError, ParamError, parse_user_params
 from .progress import DenoiseCancelled, StepChannel
-from .wire import output_name, read_stats, stats_tensor
+from .wire import STAGE_TENSORS, output_name, read_stats, stats_tensor
 
 logger = logging.getLogger("smart_diffusion")
 
@@ -143,12 +143,18 @@ def input_names(config: Mapping[str, Any]) -> list[str]:
 
 def read_inputs(pb, request, names: list[str]) -> dict[str, Any]:
     """The request's input tensors present among `names` (optional inputs may be absent): numpy arrays,
-    except a tensor in GPU memory, which becomes a torch tensor on that GPU (DLPack, no copy)."""
+    except a stage tensor in GPU memory, which becomes a torch tensor on that GPU (DLPack, no copy). Any
+    other input a client placed in GPU memory (CUDA shared memory) is copied to a numpy array."""
     values = {}
     for name in names:
         tensor = pb.get_input_tensor_by_name(request, name)
-        if tensor is not None:
-            values[name] = tensor.as_numpy() if tensor.is_cpu() else _torch_from_triton(tensor)
+        if tensor is None:
+            continue
+        if tensor.is_cpu():
+            values[name] = tensor.as_numpy()
+        else:
+            on_gpu = _torch_from_triton(tensor)
+            values[name] = on_gpu if name in STAGE_TENSORS else on_gpu.cpu().numpy()
     return values
 
 

@@ -12,6 +12,7 @@ from .params import ModelParams, ParamError, request_fields_for
 
 TEXT_INPUTS = ("PROMPT", "NEGATIVE_PROMPT")
 EMBEDDING_TENSORS = ("PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS")
+STAGE_TENSORS = (*EMBEDDING_TENSORS, "LATENTS")  # may stay in GPU memory between the stages
 
 
 def denoiser_inputs(model: ModelParams) -> list[str]:
