@@ -205,6 +205,38 @@ class SPCheckWorker:
                 handle.remove()
         return errs
 
+    def pipelined(self, u: int, chunks: list[int], heads: list[int], length: int, models: list[str]) -> dict[str, float]:
+        """Ulysses pipelined over head groups (ulysses_chunks) vs exact attention, raw and in transformers;
+        the key says whether the pipeline ran ("pipelined") or the heads sent it to the plain all-to-all."""
+        from smart_diffusion_backend.parallel import SPTransformerConfig, parallelize_transformer
+        from smart_diffusion_backend.parallel.sp_attention import SequenceParallelAttention
+        from smart_diffusion_backend.parallel.transformer_sp import _shard, gather_sequence, shard_layout
+
+        ps.set_parallel_degrees(ulysses_degree=u)
+        sp = ps.get_sp_group()
+        errs: dict[str, float] = {}
+        for c in chunks:
+            attn = SequenceParallelAttention(self.inner, ulysses_chunks=c)
+            for h in heads:
+                g = torch.Generator().manual_seed(h)
+                q, k, v = (torch.randn(1, h, length, 16, generator=g) for _ in range(3))
+                lay = shard_layout(length, sp)
+                out = attn(*(_shard(x, 2, lay) for x in (q, k, v)), kv_len=lay.kv_len)
+                out = gather_sequence(out, 2, sp)[:, :, :length]
+                mode = "pipelined" if h % (u * c) == 0 else "plain"
+                errs[f"u{u}/chunks{c}/h{h}/{mode}"] = rel_l2(out, exact_attention(q, k, v))
+            for name in models:
+                build, make = MODELS[name]
+                with torch.no_grad():
+                    ref = build()(**make())[0]
+                model = build()
+                handle = parallelize_transformer(model, SPTransformerConfig(attention_backend=self.inner, ulysses_chunks=c))
+                with torch.no_grad():
+                    out = model(**make())[0]
+                handle.remove()
+                errs[f"u{u}/chunks{c}/{name}"] = rel_l2(out, ref)
+        return errs
+
     def decisions(self, value: float) -> dict[str, Any]:
         ps.set_parallel_degrees(ulysses_degree=self.ctx.world_size)
         mine = value * (self.ctx.rank + 1)
@@ -296,6 +328,12 @@ def test_world2_transformers_ulysses_ring(pool2):
     ))
 
 
+def test_world2_ulysses_pipelined_over_head_groups(pool2):
+    errs = pool2.run_all("pipelined", 2, [2, 4], [4, 6, 8], 43, ["flux-4h", "wan-4h"])
+    assert {"u2/chunks2/h4/pipelined", "u2/chunks4/h8/pipelined", "u2/chunks4/h6/plain"} <= set(errs[0])
+    _check(errs)
+
+
 def test_world2_cfg_parallel(pool2):
     _check(pool2.run_all("cfg", [(1, 1, 2)], ["flux-2h", "wan-2h"]))
 
@@ -315,6 +353,12 @@ def test_world4_transformers(pool4):
     plans = set(errs[0])
     assert "u4r1c1/flux-2h/ring-fallback" in plans and "u4r1c1/flux-4h/ulysses" in plans
     assert "u2r2c1/flux-4h/hybrid" in plans
+    _check(errs)
+
+
+def test_world4_ulysses_pipelined_over_head_groups(pool4):
+    errs = pool4.run_all("pipelined", 4, [2], [8, 4], 43, [])
+    assert {"u4/chunks2/h8/pipelined", "u4/chunks2/h4/plain"} <= set(errs[0])
     _check(errs)
 
 
