@@ -116,9 +116,9 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
     configs: dict[str, str] = {}
 
     def python_model(base: str, inputs: list[str], outputs: list[str], count: int, extra: str = "", **params: str) -> str:
-        # On a GPU host the stages are GPU instances on the pool's first device that take their tensor
-        # inputs where Triton holds them: embeddings and latents travel GPU to GPU (CUDA IPC), never via
-        # host memory. The orchestrators only relay, on the CPU.
+        # With one GPU rank (SystemParams.stage_tensors_on_gpu) the stages are GPU instances on device 0
+        # that take their tensor inputs where Triton holds them: embeddings and latents travel GPU to GPU
+        # (CUDA IPC), never via host memory. The orchestrators only relay, on the CPU.
         gpu_stage = on_gpu and base not in ORCHESTRATORS
         kind = "kind: KIND_GPU gpus: [ 0 ]" if gpu_stage else "kind: KIND_CPU"
         if gpu_stage and base != "text_encoder":

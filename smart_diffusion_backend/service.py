@@ -47,10 +47,12 @@ def _float_tensor(inputs: Mapping[str, Any], name: str, ndim: int) -> torch.Tens
     if name not in inputs:
         raise ParamError(name, "is required")
     value = inputs[name]
-    tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(np.asarray(value)))
-    if tensor.dtype != torch.float32 or tensor.ndim != ndim:
-        dtype = np.asarray(value).dtype if not isinstance(value, torch.Tensor) else tensor.dtype
-        raise ParamError(name, f"expected FP32 with {ndim} dims, got {dtype} shape {list(tensor.shape)}")
+    if not isinstance(value, torch.Tensor):
+        value = np.asarray(value)  # checked before torch sees it: torch cannot hold every numpy dtype
+    is_float32 = value.dtype == (torch.float32 if isinstance(value, torch.Tensor) else np.float32)
+    if not is_float32 or value.ndim != ndim:
+        raise ParamError(name, f"expected FP32 with {ndim} dims, got {value.dtype} shape {list(value.shape)}")
+    tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
     if not bool(torch.isfinite(tensor).all()):
         raise ParamError(name, "contains non-finite values")
     return tensor

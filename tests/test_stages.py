@@ -71,6 +71,8 @@ def test_services_validate_their_wire_tensors(tiny_flux, cpu_system):
         denoiser({**encoded, "PROMPT_EMBEDS": encoded["PROMPT_EMBEDS"][0]})
     with pytest.raises(ParamError, match="PROMPT_EMBEDS: expected FP32 with 3 dims, got float16"):
         denoiser({**encoded, "PROMPT_EMBEDS": encoded["PROMPT_EMBEDS"].numpy().astype(np.float16)})
+    with pytest.raises(ParamError, match="PROMPT_EMBEDS: expected FP32 with 3 dims, got object"):  # not torch's TypeError
+        denoiser({**encoded, "PROMPT_EMBEDS": np.array([[[b"x"]]], dtype=np.object_)})
     with pytest.raises(ParamError, match="POOLED_PROMPT_EMBEDS: contains non-finite"):
         denoiser({**encoded, "POOLED_PROMPT_EMBEDS": np.full(tuple(encoded["POOLED_PROMPT_EMBEDS"].shape), np.nan, np.float32)})
     with pytest.raises(ParamError, match="POOLED_PROMPT_EMBEDS: contains non-finite"):

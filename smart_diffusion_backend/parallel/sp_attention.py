@@ -138,19 +138,28 @@ def _ulysses_back(x: torch.Tensor, group: ps.GroupInfo) -> torch.Tensor:
 
     The result's memory is ``[B, S/U, H, *rest]`` (a transposed view), which the processors flatten into
     the output projection's input without another copy."""
-    u = group.world_size
-    b, hu, s_full = x.shape[:3]
-    rest = tuple(x.shape[3:])
-    s = s_full // u
-    tail = tuple(range(4, 4 + len(rest)))
-    # [b, h/U, S, *rest] -> [U, b, s, h/U, *rest]: sequence chunk j goes to rank j (free when x is [b, S, h/U, *rest])
-    chunks = x.reshape(b, hu, u, s, *rest).permute(2, 0, 3, 1, *tail)
-    send = chunks if chunks.is_contiguous() else chunks.contiguous()
+    send = _sequence_chunks_to_ranks(x, group.world_size)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group.group)
-    # recv[j] = head group j of my sequence chunk: [U, b, s, h/U, *rest] -> [b, s, U, h/U, *rest] -> [b, h, s, *rest]
-    heads_last = recv.permute(1, 2, 0, 3, *tail).reshape(b, s, u * hu, *rest)
-    return heads_last.transpose(1, 2)
+    return _heads_last(recv).transpose(1, 2)
+
+
+def _sequence_chunks_to_ranks(x: torch.Tensor, u: int) -> torch.Tensor:
+    """``[b, h/U, S, *rest]`` -> a contiguous send buffer ``[U, b, S/U, h/U, *rest]``: sequence chunk j goes to
+    rank j (free when x's memory is already ``[b, S, h/U, *rest]``)."""
+    b, hu, s_full = x.shape[:3]
+    rest = tuple(x.shape[3:])
+    tail = tuple(range(4, 4 + len(rest)))
+    chunks = x.reshape(b, hu, u, s_full // u, *rest).permute(2, 0, 3, 1, *tail)
+    return chunks if chunks.is_contiguous() else chunks.contiguous()
+
+
+def _heads_last(recv: torch.Tensor) -> torch.Tensor:
+    """``[U, b, s, h/U, *rest]`` (recv[j] = head group j of my sequence chunk) -> ``[b, s, U*h/U, *rest]``."""
+    u, b, s, hu = recv.shape[:4]
+    rest = tuple(recv.shape[4:])
+    tail = tuple(range(4, 4 + len(rest)))
+    return recv.permute(1, 2, 0, 3, *tail).reshape(b, s, u * hu, *rest)
 
 
 def ulysses_pipelined(
@@ -184,14 +193,13 @@ def ulysses_pipelined(
         if c + 1 < chunks:
             inbound.append(send_inputs(c + 1))  # in flight during this group's attention
         part = inner(*_receive_qkv(inbound[c]), softmax_scale=softmax_scale, kv_len=kv_len, return_lse=False)
-        # [b, hc/U, S, d] -> [U, b, s, hc/U, d]: sequence chunk j back to rank j, in flight during the next group
-        back = part.reshape(b, hc // u, u, s, d).permute(2, 0, 3, 1, 4).contiguous()
+        back = _sequence_chunks_to_ranks(part, u)  # in flight during the next group's attention
         recv = torch.empty_like(back)
         outbound.append((c, recv, dist.all_to_all_single(recv, back, group=group.group, async_op=True)))
     for c, recv, work in outbound:
         work.wait()
         # recv[j] = head sub-group j of group c for my sequence chunk -> heads c*hc + j*hc/U + i
-        out[:, :, c * hc:(c + 1) * hc] = recv.permute(1, 2, 0, 3, 4).reshape(b, s, hc, d)
+        out[:, :, c * hc:(c + 1) * hc] = _heads_last(recv)
     return out.transpose(1, 2)
 
 
