@@ -3,11 +3,11 @@
 #   bash scripts/gpu_served_bench.sh STEP...     results go to $OUT (or build/gpu-results)
 # steps: setup (unpack into /tmp/site) · weights (random-weight FLUX.1-dev, bench/random_weights.py)
 #        overhead-1 / overhead-2 (served vs in-process, FLUX.1-dev 1024², 28 steps, 1 and 2 GPUs)
-#        overhead-1c (the same on 1 GPU with compile_transformer: true, compiled at load)
+#        overhead-1c / overhead-2c (the same with compile_transformer: true, compiled at load)
 #        throughput-gpu (requests/s vs concurrency, FLUX.1-dev, 1 GPU) · throughput-cpu (tiny-flux, cpu-1thread)
 #        bls-relay (one BLS hop per tensor: float32/bfloat16, host/GPU memory; bench/bls_relay.py)
 #        stub-speed (Python and kernel launches inside the backend stub vs the interpreter; bench/stub_speed.py)
-#        sp (bench/sp_bench.py on every GPU here: our Ulysses plain / pipelined / compiled vs diffusers, profiled;
+#        sp (bench/sp_bench.py on every GPU here: our Ulysses eager / compiled vs diffusers, profiled;
 #            SP_MODEL=wan720|flux|..., default wan720)
 # REPEATS (requests per phase), CYCLES (server phases between in-process ones), WARMUP_S (unmeasured heating)
 # Each step is idempotent; /tmp/site and the weights survive between calls while the machine stays warm.
@@ -57,13 +57,14 @@ for step in "$@"; do
         --repeats ${REPEATS:-3} --sequential --cycles ${CYCLES:-1} --warmup-s ${WARMUP_S:-0} --ready-timeout 900 \
         --out "$out/serve-overhead-gpu2.md"
       cp build/bench_server.log "$out/server-gpu2.log" ;;
-    overhead-1c)
-      sed 's/^compile_transformer:.*//' configs/system/gpu-1.yaml > /tmp/gpu-1-compiled.yaml
-      echo "compile_transformer: true" >> /tmp/gpu-1-compiled.yaml
-      python3 bench/serve_overhead.py --model flux1-dev --system /tmp/gpu-1-compiled.yaml --height 1024 --width 1024 \
+    overhead-1c|overhead-2c)
+      n=${step#overhead-}; n=${n%c}
+      sed 's/^compile_transformer:.*//' configs/system/gpu-$n.yaml > /tmp/gpu-$n-compiled.yaml
+      echo "compile_transformer: true" >> /tmp/gpu-$n-compiled.yaml
+      python3 bench/serve_overhead.py --model flux1-dev --system /tmp/gpu-$n-compiled.yaml --height 1024 --width 1024 \
         --steps 28 --repeats ${REPEATS:-3} --sequential --cycles ${CYCLES:-1} --warmup-s ${WARMUP_S:-0} --ready-timeout 900 \
-        --out "$out/serve-overhead-gpu1-compiled.md"
-      cp build/bench_server.log "$out/server-gpu1-compiled.log" ;;
+        --out "$out/serve-overhead-gpu$n-compiled.md"
+      cp build/bench_server.log "$out/server-gpu$n-compiled.log" ;;
     throughput-gpu)
       python3 scripts/bench_serve.py --model flux1-dev --systems gpu-1 --height 1024 --width 1024 --steps 8 \
         --requests 4 --concurrency 1,2 --no-perf-analyzer --out "$out/serve-throughput-gpu1.md" ;;
@@ -73,7 +74,7 @@ for step in "$@"; do
     sp)
       gpus=$(nvidia-smi -L | wc -l); counts=1; [ "$gpus" -ge 2 ] && counts="1 2"; [ "$gpus" -ge 4 ] && counts="1 2 4"
       python3 bench/sp_bench.py --model ${SP_MODEL:-wan720} --gpus $counts --iters ${REPEATS:-2} --warmup 1 --profile \
-        --modes ours ulysses ulysses+pipe2 ulysses+compile diffusers --out "$out/sp_${SP_MODEL:-wan720}.jsonl" ;;
+        --modes ours ours+compile ulysses ulysses+compile diffusers --out "$out/sp_${SP_MODEL:-wan720}.jsonl" ;;
     stub-speed)
       ldd "$(readlink -f "$(command -v python3)")" | grep -i libpython || echo "python3 links libpython statically"
       python3 bench/stub_speed.py --out "$out/stub-speed-gpu.md" ;;

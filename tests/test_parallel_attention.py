@@ -205,36 +205,25 @@ class SPCheckWorker:
                 handle.remove()
         return errs
 
-    def pipelined(self, u: int, chunks: list[int], heads: list[int], length: int, models: list[str]) -> dict[str, float]:
-        """Ulysses pipelined over head groups (ulysses_chunks) vs exact attention, raw and in transformers;
-        the key says whether the pipeline ran ("pipelined") or the heads sent it to the plain all-to-all."""
+    def compiled(self, u: int, models: list[str]) -> dict[str, float]:
+        """Ulysses transformers whose repeated blocks are compiled with fullgraph=True: dynamo raises at the
+        first graph break, so this passes only if the all-to-alls trace (functional collectives)."""
+        from smart_diffusion_backend.attention.compile import compile_repeated_blocks
         from smart_diffusion_backend.parallel import SPTransformerConfig, parallelize_transformer
-        from smart_diffusion_backend.parallel.sp_attention import SequenceParallelAttention
-        from smart_diffusion_backend.parallel.transformer_sp import _shard, gather_sequence, shard_layout
 
         ps.set_parallel_degrees(ulysses_degree=u)
-        sp = ps.get_sp_group()
         errs: dict[str, float] = {}
-        for c in chunks:
-            attn = SequenceParallelAttention(self.inner, ulysses_chunks=c)
-            for h in heads:
-                g = torch.Generator().manual_seed(h)
-                q, k, v = (torch.randn(1, h, length, 16, generator=g) for _ in range(3))
-                lay = shard_layout(length, sp)
-                out = attn(*(_shard(x, 2, lay) for x in (q, k, v)), kv_len=lay.kv_len)
-                out = gather_sequence(out, 2, sp)[:, :, :length]
-                mode = "pipelined" if h % (u * c) == 0 else "plain"
-                errs[f"u{u}/chunks{c}/h{h}/{mode}"] = rel_l2(out, exact_attention(q, k, v))
-            for name in models:
-                build, make = MODELS[name]
-                with torch.no_grad():
-                    ref = build()(**make())[0]
-                model = build()
-                handle = parallelize_transformer(model, SPTransformerConfig(attention_backend=self.inner, ulysses_chunks=c))
-                with torch.no_grad():
-                    out = model(**make())[0]
-                handle.remove()
-                errs[f"u{u}/chunks{c}/{name}"] = rel_l2(out, ref)
+        for name in models:
+            build, make = MODELS[name]
+            with torch.no_grad():
+                ref = build()(**make())[0]
+            model = build()
+            handle = parallelize_transformer(model, SPTransformerConfig(attention_backend=self.inner))
+            compile_repeated_blocks(model, fullgraph=True, backend="aot_eager")
+            with torch.no_grad():
+                out = model(**make())[0]
+            errs[f"u{u}/{name}/{handle.attention.plan(model.config.num_attention_heads)}/compiled"] = rel_l2(out, ref)
+            handle.remove()
         return errs
 
     def decisions(self, value: float) -> dict[str, Any]:
@@ -328,9 +317,9 @@ def test_world2_transformers_ulysses_ring(pool2):
     ))
 
 
-def test_world2_ulysses_pipelined_over_head_groups(pool2):
-    errs = pool2.run_all("pipelined", 2, [2, 4], [4, 6, 8], 43, ["flux-4h", "wan-4h"])
-    assert {"u2/chunks2/h4/pipelined", "u2/chunks4/h8/pipelined", "u2/chunks4/h6/plain"} <= set(errs[0])
+def test_world2_ulysses_compiles_without_graph_breaks(pool2):
+    errs = pool2.run_all("compiled", 2, ["flux-2h", "wan-2h"])
+    assert {"u2/flux-2h/ulysses/compiled", "u2/wan-2h/ulysses/compiled"} == set(errs[0])
     _check(errs)
 
 
@@ -355,11 +344,6 @@ def test_world4_transformers(pool4):
     assert "u2r2c1/flux-4h/hybrid" in plans
     _check(errs)
 
-
-def test_world4_ulysses_pipelined_over_head_groups(pool4):
-    errs = pool4.run_all("pipelined", 4, [2], [8, 4], 43, [])
-    assert {"u4/chunks2/h8/pipelined", "u4/chunks2/h4/plain"} <= set(errs[0])
-    _check(errs)
 
 
 def test_world4_cfg_times_sp(pool4):

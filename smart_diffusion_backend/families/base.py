@@ -120,7 +120,8 @@ class DenoiserStage(Stage):
     def compile_transformers(self, fullgraph: bool = True) -> None:
         """Regional compile of the repeated blocks, then a timed warm-up so no request pays the compile.
         A pool worker calls it after its sequence-parallel processors are in, on every rank at once (the
-        warm-up runs the collectives), with fullgraph=False: the all-to-alls break the block graphs."""
+        warm-up runs the collectives), with fullgraph=False: Ulysses' all-to-alls trace as functional
+        collectives (one graph per block), but Ring's point-to-point transfers break the graph."""
         from ..attention.compile import compile_repeated_blocks
 
         # dynamic=None: the default size compiles static at load; the first other size recompiles with

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from . import parallel_state as ps
 
@@ -40,7 +41,6 @@ __all__ = [
     "resolve_attention_backend",
     "ring_attention",
     "ulysses_all_to_all_qkv",
-    "ulysses_pipelined",
 ]
 
 
@@ -111,24 +111,30 @@ def ulysses_all_to_all_qkv(
     return _receive_qkv(_send_qkv(q, k, v, group))
 
 
-Transfers = list[tuple[torch.Tensor, Any]]  # (receive buffer, its all-to-all work handle)
+Transfers = list[tuple[torch.Tensor, Any]]  # (receive buffer, its all-to-all work handle or None)
 
 
 def _send_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ps.GroupInfo) -> Transfers:
     """Start the three asynchronous all-to-alls (one copy per tensor into its send buffer)."""
-    transfers = []
-    for t in (q, k, v):
-        send = _head_groups_to_ranks(t, group.world_size)
-        recv = torch.empty_like(send)
-        transfers.append((recv, dist.all_to_all_single(recv, send, group=group.group, async_op=True)))
-    return transfers
+    return [_all_to_all(_head_groups_to_ranks(t, group.world_size), group, async_op=True) for t in (q, k, v)]
+
+
+def _all_to_all(send: torch.Tensor, group: ps.GroupInfo, async_op: bool) -> tuple[torch.Tensor, Any]:
+    """(receive buffer, work handle or None). Under torch.compile the functional collective, which dynamo
+    traces (the compiled blocks keep one graph and inductor places the wait); eager, the c10d call."""
+    if torch.compiler.is_compiling():
+        return funcol.all_to_all_single(send, None, None, group.group), None
+    recv = torch.empty_like(send)
+    work = dist.all_to_all_single(recv, send, group=group.group, async_op=async_op)
+    return recv, work if async_op else None
 
 
 def _receive_qkv(transfers: Transfers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Wait for `_send_qkv`'s transfers; q, k, v as attention-ready ``[b, h/U, S, d]`` views."""
     received = []
     for recv, work in transfers:
-        work.wait()
+        if work is not None:
+            work.wait()
         received.append(_attention_view(recv))
     return received[0], received[1], received[2]
 
@@ -138,9 +144,7 @@ def _ulysses_back(x: torch.Tensor, group: ps.GroupInfo) -> torch.Tensor:
 
     The result's memory is ``[B, S/U, H, *rest]`` (a transposed view), which the processors flatten into
     the output projection's input without another copy."""
-    send = _sequence_chunks_to_ranks(x, group.world_size)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group.group)
+    recv, _ = _all_to_all(_sequence_chunks_to_ranks(x, group.world_size), group, async_op=False)
     return _heads_last(recv).transpose(1, 2)
 
 
@@ -160,47 +164,6 @@ def _heads_last(recv: torch.Tensor) -> torch.Tensor:
     rest = tuple(recv.shape[4:])
     tail = tuple(range(4, 4 + len(rest)))
     return recv.permute(1, 2, 0, 3, *tail).reshape(b, s, u * hu, *rest)
-
-
-def ulysses_pipelined(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    group: ps.GroupInfo,
-    inner: AttentionFn,
-    softmax_scale: float,
-    kv_len: int | None,
-    chunks: int,
-) -> torch.Tensor:
-    """Ulysses over ``chunks`` head groups in a pipeline: while one group's attention runs, the next
-    group's q/k/v and the previous group's output are in flight (asynchronous all-to-alls), so the
-    transfers hide behind the attention instead of adding to it. ``[B, H, S/U, D]`` -> ``[B, H, S/U, D]``;
-    needs H divisible by U * chunks. Each group is an ordinary Ulysses attention over its heads, so the
-    result equals the unchunked one."""
-    u = group.world_size
-    b, h, s, d = q.shape
-    hc = h // chunks
-    out = q.new_empty((b, s, h, d))  # [B, S/U, H, D] memory, what the output projection reads
-
-    def send_inputs(c: int) -> Transfers:
-        heads = slice(c * hc, (c + 1) * hc)
-        return _send_qkv(q[:, heads], k[:, heads], v[:, heads], group)
-
-    inbound = [send_inputs(0)]
-    outbound = []
-    for c in range(chunks):
-        if c + 1 < chunks:
-            inbound.append(send_inputs(c + 1))  # in flight during this group's attention
-        part = inner(*_receive_qkv(inbound[c]), softmax_scale=softmax_scale, kv_len=kv_len, return_lse=False)
-        back = _sequence_chunks_to_ranks(part, u)  # in flight during the next group's attention
-        recv = torch.empty_like(back)
-        outbound.append((c, recv, dist.all_to_all_single(recv, back, group=group.group, async_op=True)))
-    for c, recv, work in outbound:
-        work.wait()
-        # recv[j] = head sub-group j of group c for my sequence chunk -> heads c*hc + j*hc/U + i
-        out[:, :, c * hc:(c + 1) * hc] = _heads_last(recv)
-    return out.transpose(1, 2)
 
 
 # ---- Ring ------------------------------------------------------------------------------------------
@@ -276,12 +239,7 @@ class SequenceParallelAttention:
     Built once per process after ``init_parallel_state``; it captures the groups of the current layout.
     """
 
-    def __init__(self, inner: str | AttentionFn = "sdpa", ulysses_chunks: int = 1) -> None:
-        """``ulysses_chunks`` > 1: pure Ulysses runs as a pipeline over that many head groups
-        (``ulysses_pipelined``) where the heads allow it; 1 is the plain all-to-all."""
-        if not isinstance(ulysses_chunks, int) or ulysses_chunks < 1:
-            raise ValueError(f"ulysses_chunks must be an int >= 1, got {ulysses_chunks!r}")
-        self.ulysses_chunks = ulysses_chunks
+    def __init__(self, inner: str | AttentionFn = "sdpa") -> None:
         self.inner: AttentionFn = resolve_attention_backend(inner)
         self.sp = ps.get_sp_group()
         self.ulysses = ps.get_ulysses_group()
@@ -295,8 +253,7 @@ class SequenceParallelAttention:
         )
 
     def plan(self, num_heads: int) -> str:
-        """'local', 'ulysses', 'ulysses-pipelined', 'ring', 'hybrid' or 'ring-fallback' for this head count
-        ('ulysses-pipelined' runs plain Ulysses when the caller asks for the LSE)."""
+        """'local', 'ulysses', 'ring', 'hybrid' or 'ring-fallback' for this head count."""
         u, r = self.ulysses.world_size, self.ring.world_size
         if u * r == 1:
             return "local"
@@ -306,7 +263,7 @@ class SequenceParallelAttention:
             return "ring"
         if r > 1:
             return "hybrid"
-        return "ulysses-pipelined" if self.ulysses_chunks > 1 and num_heads % (u * self.ulysses_chunks) == 0 else "ulysses"
+        return "ulysses"
 
     def __call__(
         self,
@@ -343,9 +300,6 @@ class SequenceParallelAttention:
             return (out, lse) if return_lse else out
 
         u = self.ulysses.world_size
-        if plan == "ulysses-pipelined" and not return_lse:
-            return ulysses_pipelined(q, k, v, group=self.ulysses, inner=self.inner, softmax_scale=scale,
-                                     kv_len=kv_len, chunks=self.ulysses_chunks)
         if u > 1:
             q, k, v = ulysses_all_to_all_qkv(q, k, v, self.ulysses)  # [b, h, s, d] -> [b, h/U, U*s, d]
         if self.ring.world_size > 1:

@@ -54,7 +54,6 @@ class SPTransformerConfig:
 
     attention_backend: str | AttentionFn = "sdpa"  # inner (local) attention: registry name or callable
     expected: ps.ParallelConfig | None = None  # when set, must equal the initialised layout
-    ulysses_chunks: int = 1  # > 1: Ulysses pipelined over head groups (bench variant until it is timed)
 
 
 @dataclass(frozen=True)
@@ -326,7 +325,7 @@ def parallelize_transformer(
     if getattr(transformer, "_sd_sp_handle", None) is not None:
         raise ValueError("transformer is already parallelized; call handle.remove() first")
     local = resolve_attention_backend(config.attention_backend)
-    sp_attn = SequenceParallelAttention(local, ulysses_chunks=config.ulysses_chunks)
+    sp_attn = SequenceParallelAttention(local)
     context = SPForwardContext()
     handle = SPTransformerHandle(transformer, kind, sp_attn, context, old_processors=dict(transformer.attn_processors))
     install_attention(transformer, SPAttentionDispatch(sp_attn, local, context))
