@@ -135,25 +135,35 @@ class BenchWorker:
                 self.ctx.heartbeat()
         return times, out
 
-    def _profile(self) -> dict[str, float]:
-        """One more forward under torch.profiler: GPU kernel ms by kind (this rank), and the wall ms."""
+    def _profile(self, host: bool = False) -> dict[str, Any]:
+        """One more forward under torch.profiler: GPU kernel ms by kind (this rank), and the wall ms. ``host``:
+        also the host side (CPU activity): the ops with the most self CPU time, where a forward whose
+        kernels sum to less than its wall time spends it."""
         from torch.profiler import ProfilerActivity, profile
 
-        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        cuda = self.ctx.device.type == "cuda"
+        activities = ([ProfilerActivity.CUDA] if cuda else []) + ([ProfilerActivity.CPU] if host else [])
+        with torch.inference_mode(), profile(activities=activities) as prof:
             started = time.perf_counter()
             self.model(**self.inputs)
             self._sync()
             wall = time.perf_counter() - started
-        kinds: dict[str, float] = {"wall": wall * 1000}
+        kinds: dict[str, Any] = {"wall": wall * 1000}
+        cpu_ops: list[tuple[float, str, int]] = []
         for event in prof.key_averages():
             if event.device_type != torch.autograd.DeviceType.CUDA:
+                cpu_ops.append((event.self_cpu_time_total / 1000, event.key, event.count))
                 continue
             us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
             kind = _kernel_kind(event.key)
             kinds[kind] = kinds.get(kind, 0.0) + us / 1000
-        return {k: round(v, 1) for k, v in sorted(kinds.items())}
+        kinds = {k: round(v, 1) for k, v in sorted(kinds.items())}
+        if host:
+            kinds["host_cpu_ms"] = round(sum(ms for ms, _, _ in cpu_ops), 1)
+            kinds["host_top"] = [(key[:60], round(ms, 1), count) for ms, key, count in sorted(cpu_ops, reverse=True)[:12]]
+        return kinds
 
-    def bench(self, mode: str, warmup: int, iters: int, profile: bool = False) -> dict[str, Any]:
+    def bench(self, mode: str, warmup: int, iters: int, profile: str | None = None) -> dict[str, Any]:
         from smart_diffusion_backend.parallel import SPTransformerConfig, parallelize_transformer
 
         n = self.ctx.world_size
@@ -190,7 +200,8 @@ class BenchWorker:
             compile_s = time.perf_counter() - started
         try:
             times, out = self._time(warmup, iters)
-            kernel_ms = self._profile() if profile and self.ctx.device.type == "cuda" else None
+            use_profile = profile == "host" or (profile and self.ctx.device.type == "cuda")
+            kernel_ms = self._profile(profile == "host") if use_profile else None
         finally:
             if compiled:
                 for module in self.model.modules():
@@ -249,7 +260,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--profile", action="store_true", help="one more forward per mode under torch.profiler: kernel ms by kind")
+    ap.add_argument("--profile", nargs="?", const="gpu", choices=["gpu", "host"], default=None,
+                    help="one more forward per mode under torch.profiler: kernel ms by kind; 'host' adds the host "
+                         "side (self CPU ms of the top ops)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out_path = Path(args.out or Path(__file__).parent / "results" / f"sp_{args.model}.jsonl")

@@ -8,7 +8,7 @@
 #        bls-relay (one BLS hop per tensor: float32/bfloat16, host/GPU memory; bench/bls_relay.py)
 #        stub-speed (Python and kernel launches inside the backend stub vs the interpreter; bench/stub_speed.py)
 #        sp (bench/sp_bench.py on 1, 2 and 4 GPUs as the machine has: our Ulysses eager / compiled vs diffusers,
-#            profiled; SP_MODEL="wan720 flux ..." (default wan720), SP_MODES (default as above; add ring hybrid),
+#            profiled with the host side; SP_MODEL="wan720 flux ..." (default wan720), SP_MODES (default as above; add ring hybrid),
 #            SP_PROFILE="" to skip the profiled forward)
 # REPEATS (requests per phase), CYCLES (server phases between in-process ones), WARMUP_S (unmeasured heating)
 # Each step is idempotent; /tmp/site and the weights survive between calls while the machine stays warm.
@@ -75,7 +75,7 @@ for step in "$@"; do
     sp)
       gpus=$(nvidia-smi -L | wc -l); counts=1; [ "$gpus" -ge 2 ] && counts="1 2"; [ "$gpus" -ge 4 ] && counts="1 2 4"
       for model in ${SP_MODEL:-wan720}; do
-        python3 bench/sp_bench.py --model $model --gpus $counts --iters ${REPEATS:-2} --warmup 1 ${SP_PROFILE---profile} \
+        python3 bench/sp_bench.py --model $model --gpus $counts --iters ${REPEATS:-2} --warmup 1 ${SP_PROFILE---profile host} \
           --modes ${SP_MODES:-ours ours+compile ulysses ulysses+compile ulysses+compile+overlap diffusers} --out "$out/sp_$model.jsonl"
       done ;;
     stub-speed)
