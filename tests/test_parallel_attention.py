@@ -205,25 +205,29 @@ class SPCheckWorker:
                 handle.remove()
         return errs
 
-    def compiled(self, u: int, models: list[str]) -> dict[str, float]:
-        """Ulysses transformers whose repeated blocks are compiled with fullgraph=True: dynamo raises at the
-        first graph break, so this passes only if the all-to-alls trace (functional collectives)."""
+    def compiled(self, layouts: list[tuple[int, int]], models: list[str], fullgraph: bool) -> dict[str, float]:
+        """Transformers whose repeated blocks are compiled after the SP processors are in, vs one process.
+        fullgraph=True: dynamo raises at the first graph break, so Ulysses passes only if its all-to-alls trace
+        (functional collectives); Ring's point-to-point transfers break the graph, which fullgraph=False allows."""
         from smart_diffusion_backend.attention.compile import compile_repeated_blocks
         from smart_diffusion_backend.parallel import SPTransformerConfig, parallelize_transformer
 
-        ps.set_parallel_degrees(ulysses_degree=u)
         errs: dict[str, float] = {}
-        for name in models:
-            build, make = MODELS[name]
-            with torch.no_grad():
-                ref = build()(**make())[0]
-            model = build()
-            handle = parallelize_transformer(model, SPTransformerConfig(attention_backend=self.inner))
-            compile_repeated_blocks(model, fullgraph=True, backend="aot_eager")
-            with torch.no_grad():
-                out = model(**make())[0]
-            errs[f"u{u}/{name}/{handle.attention.plan(model.config.num_attention_heads)}/compiled"] = rel_l2(out, ref)
-            handle.remove()
+        for u, r in layouts:
+            ps.set_parallel_degrees(ulysses_degree=u, ring_degree=r)
+            for name in models:
+                build, make = MODELS[name]
+                with torch.no_grad():
+                    ref = build()(**make())[0]
+                model = build()
+                handle = parallelize_transformer(model, SPTransformerConfig(attention_backend=self.inner))
+                compile_repeated_blocks(model, fullgraph=fullgraph, backend="aot_eager")
+                with torch.no_grad():
+                    out = model(**make())[0]
+                plan = handle.attention.plan(model.config.num_attention_heads)
+                errs[f"u{u}r{r}/{name}/{plan}/compiled"] = rel_l2(out, ref)
+                handle.remove()
+                torch._dynamo.reset()
         return errs
 
     def decisions(self, value: float) -> dict[str, Any]:
@@ -318,8 +322,14 @@ def test_world2_transformers_ulysses_ring(pool2):
 
 
 def test_world2_ulysses_compiles_without_graph_breaks(pool2):
-    errs = pool2.run_all("compiled", 2, ["flux-2h", "wan-2h"])
-    assert {"u2/flux-2h/ulysses/compiled", "u2/wan-2h/ulysses/compiled"} == set(errs[0])
+    errs = pool2.run_all("compiled", [(2, 1)], ["flux-2h", "wan-2h"], True)
+    assert {"u2r1/flux-2h/ulysses/compiled", "u2r1/wan-2h/ulysses/compiled"} == set(errs[0])
+    _check(errs)
+
+
+def test_world2_ring_compiles_around_its_transfers(pool2):
+    errs = pool2.run_all("compiled", [(1, 2)], ["flux-2h", "wan-2h"], False)
+    assert {"u1r2/flux-2h/ring/compiled", "u1r2/wan-2h/ring/compiled"} == set(errs[0])
     _check(errs)
 
 
