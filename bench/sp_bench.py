@@ -14,7 +14,8 @@ Modes: ``ours`` (1 GPU: our processors + backend, no parallelism), ``ulysses``, 
 (ulysses 2 x ring N/2, N >= 4), ``diffusers`` (1 GPU: eager diffusers; N GPUs: its Ulysses), and
 ``ours+compile`` / ``ulysses+compile`` (regional compile of the repeated blocks as ``compile_transformer``
 does it in the pool; the compile is timed apart, as ``compile_s``), ``ulysses+compile+overlap`` (the same with
-inductor's compute/communication reordering). diffusers runs last in each pool because
+inductor's compute/communication reordering), ``diffusers+compile`` (diffusers' own Ulysses, regionally compiled the
+same way: the like-for-like baseline of the compiled modes). diffusers runs last in each pool because
 enable_parallelism cannot be undone.
 """
 
@@ -170,15 +171,16 @@ class BenchWorker:
         if self.ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         handle = None
-        if mode == "diffusers":
+        if mode.startswith("diffusers"):
             ps.set_parallel_degrees(ulysses_degree=n)
-            if n > 1:
+            if n > 1 and not getattr(self, "diffusers_parallel", False):  # one-way: applied once per pool
                 from diffusers import ContextParallelConfig
 
                 if self.ctx.device.type == "cpu":
                     # diffusers' CP derives the device from torch.accelerator, which counts 0 on CPU (smoke test only)
                     torch.accelerator.device_count = lambda: 1
                 self.model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=n))
+                self.diffusers_parallel = True
         else:
             base = mode.partition("+")[0]
             degrees = {"ours": (1, 1), "ulysses": (n, 1), "ring": (1, n), "hybrid": (2, n // 2)}[base]
@@ -186,7 +188,7 @@ class BenchWorker:
             handle = parallelize_transformer(self.model, SPTransformerConfig(attention_backend=self.attention))
         compiled = "+compile" in mode
         compile_s = None
-        if compiled:  # what compile_transformer does in the pool: after the SP processors are in
+        if compiled:  # what compile_transformer does in the pool: after the SP processors (or diffusers' CP) are in
             from smart_diffusion_backend.attention.compile import compile_repeated_blocks
 
             # +overlap: inductor moves each all-to-all as early and its wait as late as the graph allows, so
@@ -288,9 +290,10 @@ def main() -> None:
                 continue
             valid = {"ours": n == 1, "ulysses": n > 1, "ring": n > 1, "hybrid": n >= 4 and n % 2 == 0, "diffusers": True,
                      "ours+compile": n == 1, "ulysses+compile": n > 1,
-                     "ulysses+compile+overlap": n > 1}
+                     "ulysses+compile+overlap": n > 1, "diffusers+compile": True}
             modes = [m for m in args.modes if valid.get(m, False)]
-            modes = sorted(modes, key=lambda m: m == "diffusers")  # enable_parallelism is one-way: last
+            # enable_parallelism is one-way: diffusers' modes run last, eager before compiled
+            modes = sorted(modes, key=lambda m: (m.startswith("diffusers"), m == "diffusers+compile"))
             pool = WorkerPool(n, _init_bench, init_kwargs=dict(model=args.model, attention=args.attention),
                               parallel=ParallelConfig(ulysses_degree=n), device=args.device,
                               start_timeout_s=900, step_timeout_s=900)

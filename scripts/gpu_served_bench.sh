@@ -76,7 +76,7 @@ for step in "$@"; do
       gpus=$(nvidia-smi -L | wc -l); counts=1; [ "$gpus" -ge 2 ] && counts="1 2"; [ "$gpus" -ge 4 ] && counts="1 2 4"
       for model in ${SP_MODEL:-wan720}; do
         python3 bench/sp_bench.py --model $model --gpus $counts --iters ${REPEATS:-2} --warmup 1 ${SP_PROFILE---profile host} \
-          --modes ${SP_MODES:-ours ours+compile ulysses ulysses+compile ulysses+compile+overlap diffusers} --out "$out/sp_$model.jsonl"
+          --modes ${SP_MODES:-ours ours+compile ulysses ulysses+compile ulysses+compile+overlap diffusers diffusers+compile} --out "$out/sp_$model.jsonl"
       done ;;
     stub-speed)
       ldd "$(readlink -f "$(command -v python3)")" | grep -i libpython || echo "python3 links libpython statically"
