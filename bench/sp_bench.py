@@ -151,6 +151,7 @@ class BenchWorker:
             wall = time.perf_counter() - started
         kinds: dict[str, Any] = {"wall": wall * 1000}
         cpu_ops: list[tuple[float, str, int]] = []
+        kernels: list[tuple[float, str, int]] = []
         for event in prof.key_averages():
             if event.device_type != torch.autograd.DeviceType.CUDA:
                 cpu_ops.append((event.self_cpu_time_total / 1000, event.key, event.count))
@@ -158,7 +159,10 @@ class BenchWorker:
             us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
             kind = _kernel_kind(event.key)
             kinds[kind] = kinds.get(kind, 0.0) + us / 1000
+            kernels.append((us / 1000, event.key, event.count))
         kinds = {k: round(v, 1) for k, v in sorted(kinds.items())}
+        if kernels:  # names tell a fused inductor kernel ("..._cat_...") from a plain copy
+            kinds["top_kernels"] = [(key[:70], round(ms, 1), count) for ms, key, count in sorted(kernels, reverse=True)[:12]]
         if host:
             kinds["host_cpu_ms"] = round(sum(ms for ms, _, _ in cpu_ops), 1)
             kinds["host_top"] = [(key[:60], round(ms, 1), count) for ms, key, count in sorted(cpu_ops, reverse=True)[:12]]
