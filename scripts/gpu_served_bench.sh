@@ -77,7 +77,8 @@ for step in "$@"; do
       for model in ${SP_MODEL:-wan720}; do
         python3 bench/sp_bench.py --model $model --gpus $counts --iters ${REPEATS:-2} --warmup 1 ${SP_PROFILE---profile host} \
           --modes ${SP_MODES:-ours ours+compile ulysses ulysses+compile ulysses+compile+overlap diffusers diffusers+compile} --out "$out/sp_$model.jsonl"
-      done ;;
+      done
+      python3 bench/sp_report.py "$out"/sp_*.jsonl --out "$out/sp-report.md" ;;
     stub-speed)
       ldd "$(readlink -f "$(command -v python3)")" | grep -i libpython || echo "python3 links libpython statically"
       python3 bench/stub_speed.py --out "$out/stub-speed-gpu.md" ;;
