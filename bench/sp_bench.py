@@ -115,6 +115,7 @@ class BenchWorker:
         self.build_s = time.time() - t0
         self.inputs = _inputs(self.model, self.spec, ctx.device, self.dtype)
         self.outputs: dict[str, torch.Tensor] = {}
+        self.diffusers_parallel = False  # enable_parallelism is one-way: applied once per pool
 
     def _sync(self) -> None:
         if self.ctx.device.type == "cuda":
@@ -177,7 +178,7 @@ class BenchWorker:
         handle = None
         if mode.startswith("diffusers"):
             ps.set_parallel_degrees(ulysses_degree=n)
-            if n > 1 and not getattr(self, "diffusers_parallel", False):  # one-way: applied once per pool
+            if n > 1 and not self.diffusers_parallel:
                 from diffusers import ContextParallelConfig
 
                 if self.ctx.device.type == "cpu":
