@@ -14,7 +14,8 @@ Modes: ``ours`` (1 GPU: our processors + backend, no parallelism), ``ulysses``, 
 (ulysses 2 x ring N/2, N >= 4), ``diffusers`` (1 GPU: eager diffusers; N GPUs: its Ulysses), and
 ``ours+compile`` / ``ulysses+compile`` (regional compile of the repeated blocks as ``compile_transformer``
 does it in the pool; the compile is timed apart, as ``compile_s``), ``ulysses+compile+overlap`` (the same with
-inductor's compute/communication reordering), ``diffusers+compile`` (diffusers' own Ulysses, regionally compiled the
+inductor's compute/communication reordering), ``ours+compile+graphs`` / ``ulysses+compile+graphs`` (compiled
+blocks replayed as CUDA graphs), ``diffusers+compile`` (diffusers' own Ulysses, regionally compiled the
 same way: the like-for-like baseline of the compiled modes). diffusers runs last in each pool because
 enable_parallelism cannot be undone.
 """
@@ -199,7 +200,10 @@ class BenchWorker:
             # +overlap: inductor moves each all-to-all as early and its wait as late as the graph allows, so
             # q's transfer can run under the k/v projections (an experiment, not what the pool does yet)
             torch._inductor.config.reorder_for_compute_comm_overlap = mode.endswith("+overlap")
-            compile_repeated_blocks(self.model, dynamic=None, fullgraph=False)
+            # +graphs: each compiled block replays as a CUDA graph (cudagraph trees), one launch instead of its
+            # kernels', for forwards bound by the host (Flux at 1024² on several GPUs)
+            compile_mode = "reduce-overhead" if mode.endswith("+graphs") else None
+            compile_repeated_blocks(self.model, mode=compile_mode, dynamic=None, fullgraph=False)
             started = time.perf_counter()
             with torch.inference_mode():
                 self.model(**self.inputs)  # the compile, kept out of the timing
@@ -295,7 +299,8 @@ def main() -> None:
                 continue
             valid = {"ours": n == 1, "ulysses": n > 1, "ring": n > 1, "hybrid": n >= 4 and n % 2 == 0, "diffusers": True,
                      "ours+compile": n == 1, "ulysses+compile": n > 1,
-                     "ulysses+compile+overlap": n > 1, "diffusers+compile": True}
+                     "ulysses+compile+overlap": n > 1, "diffusers+compile": True,
+                     "ours+compile+graphs": n == 1, "ulysses+compile+graphs": n > 1}
             modes = [m for m in args.modes if valid.get(m, False)]
             # enable_parallelism is one-way: diffusers' modes run last, eager before compiled
             modes = sorted(modes, key=lambda m: (m.startswith("diffusers"), m == "diffusers+compile"))

@@ -18,9 +18,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import emit  # noqa: E402
 
-# Speed-ups are taken over the 1-GPU row of the same kind: eager modes over "ours", compiled over "ours+compile".
-_BASELINE = {False: "ours", True: "ours+compile"}
 _DIFFUSERS = {False: "diffusers", True: "diffusers+compile"}
+
+
+def _baseline(mode: str, times: dict) -> float | None:
+    """The same run's 1-GPU time of the same kind: ulysses+compile+graphs over ours+compile+graphs if it ran,
+    else over ours+compile; eager modes over ours."""
+    suffix = mode.partition("+")[2]
+    for candidate in ([f"ours+{suffix}"] if suffix else []) + (["ours+compile"] if "compile" in suffix else []) + ["ours"]:
+        if (candidate, 1) in times:
+            return times[(candidate, 1)]
+    return None
 
 
 def read_runs(path: Path) -> list[tuple[dict, list[dict]]]:
@@ -51,8 +59,7 @@ def run_table(header: dict, rows: list[dict]) -> list[str]:
              "| mode | " + " | ".join(f"{g} GPU{'s' if g > 1 else ''}" for g in gpus) + " |",
              "|---|" + "---|" * len(gpus)]
     for mode in modes:
-        compiled = "+compile" in mode
-        base = times.get((_BASELINE[compiled], 1))
+        base = _baseline(mode, times)
         cells = []
         for g in gpus:
             t = times.get((mode, g))
@@ -63,7 +70,8 @@ def run_table(header: dict, rows: list[dict]) -> list[str]:
             else:
                 cells.append(_fmt(t))
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    lines += ["", "Speed-ups are over the same run's 1-GPU `ours` (eager modes) or `ours+compile` (compiled modes)."]
+    lines += ["", "Speed-ups are over the same run's 1-GPU `ours` of the same kind (`ours+compile` for compiled modes, "
+              "`ours+compile+graphs` for CUDA-graph modes where it ran)."]
     versus = []
     for mode, g in times:
         if mode.startswith("diffusers"):
