@@ -356,5 +356,12 @@ def test_world4_transformers(pool4):
 
 
 
+def test_world4_hybrid_compiles(pool4):
+    # Ulysses 2 x Ring 2: the all-to-alls trace, the ring transfers break the graph (fullgraph=False)
+    errs = pool4.run_all("compiled", [(2, 2)], ["flux-4h", "wan-4h"], False)
+    assert {"u2r2/flux-4h/hybrid/compiled", "u2r2/wan-4h/hybrid/compiled"} == set(errs[0])
+    _check(errs)
+
+
 def test_world4_cfg_times_sp(pool4):
     _check(pool4.run_all("cfg", [(2, 1, 2), (1, 2, 2)], ["flux-2h", "wan-2h"]))
