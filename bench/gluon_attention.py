@@ -41,6 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BLOCK_M = 128
 BLOCK_N = 128
+# (BLOCK_N, STAGES) tried per layout: 128-wide S tiles need more registers than the 168 a 3-warp-group CTA
+# gets at launch (ptxas spills); 64-wide ones fit, with deeper K/V rings.
+LAYOUT_TILES = ((128, 2), (64, 3), (64, 4))
 
 
 @gluon.jit
@@ -113,7 +116,9 @@ def _compute_partition(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
         stage = j % STAGES
         prev = (j - 1) % STAGES
         mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
-        s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        # use_acc=False ignores the accumulator's value: passing the spent S_{j-1} reuses its registers instead
+        # of keeping a zero tile alive across the loop
+        s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -214,7 +219,7 @@ def _descriptors(q, k, v, block_m: int, block_n: int):
 
 
 def gluon_attention(q, k, v, *, kv_len: int | None = None, return_lse: bool = False, stages: int = 2,
-                    consumers: int = 2, out: torch.Tensor | None = None):
+                    consumers: int = 2, block_n: int = BLOCK_N, out: torch.Tensor | None = None):
     """Non-causal attention forward, contiguous ``[B, H, S, D]`` bf16/fp16, head_dim 64/128 (see the docstring)."""
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
@@ -227,7 +232,7 @@ def gluon_attention(q, k, v, *, kv_len: int | None = None, return_lse: bool = Fa
     if out is None or not out.is_contiguous():
         out = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq_q if return_lse else 1), device=q.device, dtype=torch.float32)
-    q_desc, k_desc, v_desc = _descriptors(q, k, v, BLOCK_M, BLOCK_N)
+    q_desc, k_desc, v_desc = _descriptors(q, k, v, BLOCK_M, block_n)
     grid = (triton.cdiv(seq_q, BLOCK_M), batch * heads)
     _attn_fwd_ws[grid](q_desc, k_desc, v_desc, out, lse, out.stride(2), seq_q, seq_kv, kv_end,
                        (1.0 / math.sqrt(head_dim)) * 1.4426950408889634,
@@ -236,14 +241,30 @@ def gluon_attention(q, k, v, *, kv_len: int | None = None, return_lse: bool = Fa
     return (out, lse) if return_lse else out
 
 
-def compile_only(stages: int, head_dim: int, consumers: int) -> None:
+def _ptxas_spills(ptx: str) -> str:
+    """ptxas -v's register and spill line for sm_90a (the bundled ptxas; no GPU needed)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        done = subprocess.run([get_ptxas(90).path, "--gpu-name", "sm_90a", "-v", str(src), "-o", str(src.with_suffix(".cubin"))],
+                              capture_output=True, text=True)
+    info = [line.strip() for line in done.stderr.splitlines() if "spill" in line or "registers" in line]
+    return " / ".join(info) or done.stderr.strip()[-200:]
+
+
+def compile_only(stages: int, head_dim: int, consumers: int, block_n: int) -> None:
     """Ahead-of-time compile for sm_90 on any machine: the kernel type-checks, lowers and assembles."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     q = torch.empty(1, 2, 300, head_dim, dtype=torch.bfloat16)
-    q_desc, k_desc, v_desc = _descriptors(q, q, q, BLOCK_M, BLOCK_N)
+    q_desc, k_desc, v_desc = _descriptors(q, q, q, BLOCK_M, block_n)
     signature = {"q_desc": mangle_type(q_desc), "k_desc": mangle_type(k_desc), "v_desc": mangle_type(v_desc),
                  "out_ptr": "*bf16", "lse_ptr": "*fp32", "stride_om": "i32", "seq_q": "i32", "seq_kv": "i32",
                  "kv_end": "i32", "qk_scale": "fp32", "HEAD_DIM": "constexpr", "STAGES": "constexpr",
@@ -253,12 +274,13 @@ def compile_only(stages: int, head_dim: int, consumers: int) -> None:
     started = time.time()
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8 if consumers == 1 else 4})
     ptx = kernel.asm["ptx"]
-    print(f"consumers={consumers} head_dim={head_dim}: compiled for sm_90 in {time.time() - started:.1f} s: shared {kernel.metadata.shared} B, "
+    spills = _ptxas_spills(ptx)
+    print(f"consumers={consumers} head_dim={head_dim} block_n={block_n} stages={stages}: {spills}; compiled for sm_90 in {time.time() - started:.1f} s: shared {kernel.metadata.shared} B, "
           f"wgmma {ptx.count('wgmma.mma_async')}, setmaxnreg {ptx.count('setmaxnreg')}, "
           f"cp.async.bulk.tensor {ptx.count('cp.async.bulk.tensor')}")
 
 
-def measure(consumers: int, stages: int) -> list[str]:
+def measure(consumers: int, stages: int, block_n: int) -> list[str]:
     """One layout in this process: correctness on odd shapes (NaN-poisoned output), then, if every check
     passes, time against cuDNN and the library kernel measured in the same process."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -266,7 +288,7 @@ def measure(consumers: int, stages: int) -> list[str]:
 
     from smart_diffusion_backend.kernels.flash_attention import flash_attention
 
-    lines = [f"## {consumers} consumer partition(s), {stages} stages", "",
+    lines = [f"## {consumers} consumer partition(s), BLOCK_N {block_n}, {stages} stages", "",
              "| check [B, H, Sq, Skv, kv_len, D] | rel-L2 vs float32 | lse max err | ok |", "|---|---|---|---|"]
     torch.manual_seed(0)
     ok_all = True
@@ -277,7 +299,7 @@ def measure(consumers: int, stages: int) -> list[str]:
         k, v = (torch.randn(b, h, skv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         out = torch.full_like(q, float("nan"))  # every element must be written
         out, lse = gluon_attention(q, k, v, kv_len=kv_len, return_lse=True, stages=stages, consumers=consumers,
-                                   out=out)
+                                   block_n=block_n, out=out)
         kk, vv = (k, v) if kv_len is None else (k[:, :, :kv_len], v[:, :, :kv_len])
         scores = q.float() @ kk.float().transpose(-1, -2) / math.sqrt(d)
         ref = torch.softmax(scores, -1) @ vv.float()
@@ -301,7 +323,8 @@ def measure(consumers: int, stages: int) -> list[str]:
         rep = 100 if s < 30000 else 400
         base = do_bench(cudnn, rep=rep)
         for name, fn in [("cudnn", cudnn), ("lib", lambda: flash_attention(q, k, v, out=out)),
-                         ("gluon", lambda: gluon_attention(q, k, v, stages=stages, consumers=consumers, out=out))]:
+                         ("gluon", lambda: gluon_attention(q, k, v, stages=stages, consumers=consumers,
+                                                           block_n=block_n, out=out))]:
             ms = base if name == "cudnn" else do_bench(fn, rep=rep)
             lines.append(f"| {s} | {h} | {name} | {ms:.3f} | {4 * h * s * s * 128 / ms / 1e9:.0f} | {base / ms:.3f} |")
             print(lines[-1], flush=True)
@@ -311,19 +334,23 @@ def measure(consumers: int, stages: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compile-only", action="store_true")
-    parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--consumers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tiles", nargs="+", default=[f"{n}x{st}" for n, st in LAYOUT_TILES],
+                        help="BLOCK_NxSTAGES per layout, e.g. 128x2 64x3")
     parser.add_argument("--child", action="store_true", help="measure one layout in this process (internal)")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per layout before it counts as hung")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.compile_only:
         for consumers in args.consumers:
-            for head_dim in (128, 64):
-                compile_only(args.stages, head_dim, consumers)
+            for block_n, stages in LAYOUT_TILES:
+                compile_only(stages, 128, consumers, block_n)
+            compile_only(2, 64, consumers, 128)
         return
+    tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles]
     if args.child:
-        print("\n".join(["<<<"] + measure(args.consumers[0], args.stages) + [">>>"]), flush=True)
+        block_n, stages = tiles[0]
+        print("\n".join(["<<<"] + measure(args.consumers[0], stages, block_n) + [">>>"]), flush=True)
         return
     # Each layout in its own process: an mbarrier mistake hangs the GPU and a bad address poisons the CUDA
     # context, and neither should cost the other layout its result.
@@ -333,8 +360,8 @@ def main() -> None:
     lines = ["# Gluon FA3-style attention (bench/gluon_attention.py)", "",
              f"- card: {card} · torch {torch.__version__} · triton {triton.__version__}",
              f"- command: `python {' '.join(sys.argv)}`", ""]
-    for consumers in args.consumers:
-        command = [sys.executable, __file__, "--child", "--consumers", str(consumers), "--stages", str(args.stages)]
+    for consumers, (block_n, stages) in [(c, t) for c in args.consumers for t in tiles]:
+        command = [sys.executable, __file__, "--child", "--consumers", str(consumers), "--tiles", f"{block_n}x{stages}"]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
             text = done.stdout
@@ -342,9 +369,11 @@ def main() -> None:
                 lines += text.split("<<<", 1)[1].split(">>>", 1)[0].strip("\n").splitlines() + [""]
             else:
                 tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-                lines += [f"## {consumers} consumer partition(s): failed (exit {done.returncode})", "", *tail, ""]
+                lines += [f"## {consumers} consumer partition(s), {block_n}x{stages}: failed (exit {done.returncode})",
+                          "", *tail, ""]
         except subprocess.TimeoutExpired:
-            lines += [f"## {consumers} consumer partition(s): no result within {args.timeout:.0f} s (hung)", ""]
+            lines += [f"## {consumers} consumer partition(s), {block_n}x{stages}: no result within "
+                      f"{args.timeout:.0f} s (hung)", ""]
         print("\n".join(lines), flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
