@@ -269,7 +269,9 @@ def compile_only(stages: int, head_dim: int, consumers: int, block_n: int) -> No
                  "out_ptr": "*bf16", "lse_ptr": "*fp32", "stride_om": "i32", "seq_q": "i32", "seq_kv": "i32",
                  "kv_end": "i32", "qk_scale": "fp32", "HEAD_DIM": "constexpr", "STAGES": "constexpr",
                  "RETURN_LSE": "constexpr", "CONSUMERS": "constexpr"}
-    src = GluonASTSource(fn=_attn_fwd_ws, signature=signature,
+    # As the runtime would specialise them: 16-byte-aligned pointers and a row stride divisible by 16.
+    aligned = {(list(signature).index(name),): [["tt.divisibility", 16]] for name in ("out_ptr", "lse_ptr", "stride_om")}
+    src = GluonASTSource(fn=_attn_fwd_ws, signature=signature, attrs=aligned,
                          constexprs={"HEAD_DIM": head_dim, "STAGES": stages, "RETURN_LSE": True, "CONSUMERS": consumers})
     started = time.time()
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8 if consumers == 1 else 4})
