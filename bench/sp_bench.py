@@ -257,6 +257,19 @@ def _kernel_kind(name: str) -> str:
     return "other (elementwise, norms)"
 
 
+_VARIANTS = {"ours": ("", "+compile", "+compile+graphs"), "ulysses": ("", "+compile", "+compile+overlap", "+compile+graphs"),
+             "ring": ("",), "hybrid": ("",), "diffusers": ("", "+compile")}
+
+
+def _runs_on(mode: str, gpus: int) -> bool:
+    """Whether ``mode`` is a known mode that means something on ``gpus`` GPUs (its base decides)."""
+    base, plus, variant = mode.partition("+")
+    if plus + variant not in _VARIANTS.get(base, ()):
+        return False
+    return {"ours": gpus == 1, "ulysses": gpus > 1, "ring": gpus > 1, "hybrid": gpus >= 4 and gpus % 2 == 0,
+            "diffusers": True}[base]
+
+
 def _init_bench(ctx: WorkerContext, model: str, attention: str) -> BenchWorker:
     return BenchWorker(ctx, model, attention)
 
@@ -297,11 +310,7 @@ def main() -> None:
             if n > available:
                 print(json.dumps(dict(gpus=n, skipped=f"only {available} devices")), flush=True)
                 continue
-            valid = {"ours": n == 1, "ulysses": n > 1, "ring": n > 1, "hybrid": n >= 4 and n % 2 == 0, "diffusers": True,
-                     "ours+compile": n == 1, "ulysses+compile": n > 1,
-                     "ulysses+compile+overlap": n > 1, "diffusers+compile": True,
-                     "ours+compile+graphs": n == 1, "ulysses+compile+graphs": n > 1}
-            modes = [m for m in args.modes if valid.get(m, False)]
+            modes = [m for m in args.modes if _runs_on(m, n)]
             # enable_parallelism is one-way: diffusers' modes run last, eager before compiled
             modes = sorted(modes, key=lambda m: (m.startswith("diffusers"), m == "diffusers+compile"))
             pool = WorkerPool(n, _init_bench, init_kwargs=dict(model=args.model, attention=args.attention),

@@ -19,7 +19,7 @@ import numpy as np
 
 from .params import ConfigError, ParamError, parse_user_params
 from .progress import DenoiseCancelled, StepChannel
-from .wire import STAGE_TENSORS, output_name, read_stats, stats_tensor
+from .wire import STAGE_TENSORS, ms_since, output_name, read_stats, stats_tensor
 
 logger = logging.getLogger("smart_diffusion")
 
@@ -347,8 +347,6 @@ class PipelineOrchestrator:
         self.pb, self.model, self.system = pb, model, system
         self.stage_models = dict(stage_models)
         self.output = output_name(model)
-        # Stages on a GPU keep embeddings and latents there between them (the pixels come back to host).
-        self.gpu_stage_tensors = system.stage_tensors_on_gpu
 
     def parse(self, inputs: Mapping[str, np.ndarray]):
         return parse_user_params(inputs, self.model, self.system)
@@ -365,15 +363,17 @@ class PipelineOrchestrator:
         within one denoising step (the denoiser hears it on the step channel), or before the next stage."""
         started = time.perf_counter()
         stop = _StopCondition(cancel_check, started + timeout_s if timeout_s else None, timeout_s)
+        # Stages on a GPU keep embeddings and latents there between them (the pixels come back to host).
+        gpu_outputs = self.system.stage_tensors_on_gpu
         hop_started = time.perf_counter()
         encoded = call_stage(
             self.pb,
             self.stage_models["text_encoder_model"],
             text_tensors(params),
             ["PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS", "STATS"],
-            gpu_outputs=self.gpu_stage_tensors,
+            gpu_outputs=gpu_outputs,
         )
-        hops_ms = {"text_encoder": _ms_since(hop_started)}
+        hops_ms = {"text_encoder": ms_since(hop_started)}
         stop.check("before denoising")
         denoise_inputs = {**encoded, **user_param_tensors(params)}
         with StepChannel() as channel, _StepRelay(channel, on_progress, stop):
@@ -385,9 +385,9 @@ class PipelineOrchestrator:
                     self.stage_models["denoiser_model"],
                     denoise_inputs,
                     ["LATENTS", "STATS"],
-                    gpu_outputs=self.gpu_stage_tensors,
+                    gpu_outputs=gpu_outputs,
                 )
-                hops_ms["denoiser"] = _ms_since(hop_started)
+                hops_ms["denoiser"] = ms_since(hop_started)
             except StageError as exc:
                 why = stop.reason()
                 if why is None:
@@ -396,18 +396,14 @@ class PipelineOrchestrator:
         stop.check("before decoding")
         hop_started = time.perf_counter()
         decoded = call_stage(self.pb, self.stage_models["vae_decoder_model"], denoised, [self.output, "STATS"])
-        hops_ms["vae_decoder"] = _ms_since(hop_started)
+        hops_ms["vae_decoder"] = ms_since(hop_started)
 
         stats = read_stats({"STATS": decoded["STATS"].as_numpy()})
-        stats["total_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        stats["total_ms"] = ms_since(started)
         stats["orchestration_ms"] = round(stats["total_ms"] - sum(stats.get("stages_ms", {}).values()), 3)
         # Each BLS call's wall time as the orchestrator saw it; minus the stage's own ms = that hop's cost.
         stats["hops_ms"] = hops_ms
         return {self.output: decoded[self.output], "STATS": stats_tensor(stats)}
-
-
-def _ms_since(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
 
 
 class _StopCondition:

@@ -48,6 +48,11 @@ def stats_tensor(stats: Mapping[str, Any]) -> np.ndarray:
     return np.array([json.dumps(stats, sort_keys=True).encode("utf-8")], dtype=np.object_)
 
 
+def ms_since(started: float) -> float:
+    """Milliseconds since a `time.perf_counter()` reading, as STATS reports them."""
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
 def add_stage_time(stats: dict[str, Any], stage: str, started: float) -> dict[str, Any]:
-    stats.setdefault("stages_ms", {})[stage] = round((time.perf_counter() - started) * 1000, 3)
+    stats.setdefault("stages_ms", {})[stage] = ms_since(started)
     return stats
