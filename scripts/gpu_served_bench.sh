@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Served benchmarks on an offline GPU machine, from the bundle scripts/gpu_carry.sh packs (carry .gpu-carry).
 #   bash scripts/gpu_served_bench.sh STEP...     results go to $OUT (or build/gpu-results)
-# steps: setup (unpack into /tmp/site) · weights (random-weight FLUX.1-dev, bench/random_weights.py)
+# steps: setup (unpack into /tmp/site) · kernels (bench/attention_bench.py: checks, then ours vs cuDNN/flash)
+#        step (bench/transformer_step_bench.py, one-GPU forward; STEP_MODELS, default "flux,wan480") · weights (random-weight FLUX.1-dev, bench/random_weights.py)
 #        overhead-1 / overhead-2 (served vs in-process, FLUX.1-dev 1024², 28 steps, 1 and 2 GPUs)
 #        overhead-1c / overhead-2c (the same with compile_transformer: true, compiled at load)
 #        throughput-gpu (requests/s vs concurrency, FLUX.1-dev, 1 GPU) · throughput-cpu (tiny-flux, cpu-1thread)
@@ -32,6 +33,7 @@ for step in "$@"; do
       if [ ! -d /tmp/site/pytriton ]; then
         mkdir -p /tmp/site
         for t in .gpu-carry/gpusite.tar.xz .gpu-carry/tritonserver-slim.tar.xz; do
+          [ -f "$t" ] || { echo "skipping $t (not carried: steps without a server need only gpusite)"; continue; }
           python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$t" /tmp/site
         done
       fi
@@ -46,6 +48,11 @@ for step in "$@"; do
       done
       nvidia-smi -L; python3 -c "import torch, diffusers, transformers, tritonclient.grpc, tritonclient.http; import numpy; print('numpy', numpy.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
       python3 scripts/build_tiny_models.py tiny-flux ;;
+    kernels)
+      python3 bench/attention_bench.py --out "$out/attention-h100.md" ;;
+    step)
+      python3 bench/transformer_step_bench.py --models ${STEP_MODELS:-flux,wan480} --runs ${REPEATS:-3} --compile-baseline \
+        --out "$out/transformer-step.md" ;;
     weights)
       [ -f $weights/model_index.json ] || python3 bench/random_weights.py --out $weights
       mkdir -p weights && ln -sfn $weights weights/FLUX.1-dev ;;

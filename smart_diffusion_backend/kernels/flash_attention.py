@@ -16,6 +16,9 @@ Layout and contract (the same as ``torch.nn.functional.scaled_dot_product_attent
   key at all (``kv_len == 0``) gets output 0 and lse ``-inf``, which is what ring attention's LSE merge wants.
 * The kernel module reads ``TRITON_INTERPRET`` when a kernel is first launched (not at import), so CPU
   tests can set it after triton was imported elsewhere; interpreted launches use one small config.
+* On Hopper (sm_90), bf16/fp16 calls with head_dim 64 or 128 and an int (or no) ``kv_len`` run the Gluon
+  kernel of hopper_attention.py (FA3's warp-specialised structure, cuDNN's speed or better); the Triton-lang
+  kernel here runs everything else (other GPUs, other head dims, per-batch ``kv_len``, float32, FP8).
 * Under ``torch.compile`` the launch goes through the custom op ``smart_diffusion::flash_attention`` so the
   compiler treats the kernel as opaque (no graph break); eager calls skip that dispatch overhead.
 
@@ -451,8 +454,14 @@ def _padded_head_dim(head_dim: int) -> int:
 
 
 def _launch_bf16(q, k, v, softmax_scale: float, kv_len, return_lse: bool,
-                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 out: torch.Tensor | None = None, allow_hopper: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     interpret = _interpreting()
+    if allow_hopper and not interpret:
+        # Imported here: Gluon is only needed (and only compiled) on a GPU.
+        from smart_diffusion_backend.kernels.hopper_attention import hopper_attention, hopper_supports
+
+        if hopper_supports(q, k, v, kv_len):
+            return hopper_attention(q, k, v, softmax_scale, kv_len, return_lse, out)
     kernels = _build_kernels(interpret)
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]

@@ -1,0 +1,59 @@
+"""The Hopper (Gluon) attention kernel on a CPU machine: its addressing and routing, and an ahead-of-time
+compile for sm_90 through Triton's own compiler and bundled ptxas.
+
+Gluon has no interpreter, so its numerics are checked on the GPU by bench/attention_bench.py (every check
+row there names the kernel that ran); bench/results/attention-h100.md holds the last run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smart_diffusion_backend.kernels.hopper_attention import RowView, compile_for_sm90, hopper_supports, row_view
+
+
+def test_heads_outer_layout_maps_to_one_row_per_token_and_head():
+    t = torch.empty(2, 3, 100, 128, dtype=torch.bfloat16)
+    assert row_view(t) == RowView(rows=600, width=128, row_stride=128, rows_per_batch=300, rows_per_head=100,
+                                  cols_per_head=0)
+
+
+def test_heads_inner_layout_is_read_without_a_copy():
+    # diffusers' processors hand attention a [B, S, H, D] tensor seen through transpose(1, 2)
+    t = torch.empty(2, 100, 3, 128, dtype=torch.bfloat16).transpose(1, 2)
+    assert row_view(t) == RowView(rows=200, width=384, row_stride=384, rows_per_batch=100, rows_per_head=0,
+                                  cols_per_head=128)
+
+
+def test_slice_of_a_fused_projection_keeps_its_row_stride():
+    qkv = torch.empty(2, 100, 3 * 4 * 64, dtype=torch.float16)
+    q = qkv[..., : 4 * 64].unflatten(-1, (4, 64)).transpose(1, 2)  # [2, 4, 100, 64], rows 768 elements apart
+    assert row_view(q) == RowView(rows=200, width=256, row_stride=768, rows_per_batch=100, rows_per_head=0,
+                                  cols_per_head=64)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.empty(2, 3, 100, 128, dtype=torch.bfloat16).transpose(2, 3).transpose(2, 3)[..., ::2],
+    lambda: torch.empty(1, 128, 3, 100, dtype=torch.bfloat16).permute(0, 2, 3, 1),  # head_dim not contiguous
+    lambda: torch.empty(2, 3, 100, 132, dtype=torch.bfloat16)[..., :128],  # rows 264 B apart: TMA needs 16 B
+], ids=["every-other-element", "head-dim-strided", "unaligned-row-stride"])
+def test_strides_tma_cannot_read_have_no_view(make):
+    assert row_view(make()) is None
+
+
+def test_cpu_float32_odd_head_dim_and_per_batch_lengths_stay_on_the_portable_kernel():
+    q = torch.empty(1, 2, 64, 128, dtype=torch.bfloat16)
+    assert not hopper_supports(q, q, q, None)  # not a CUDA tensor
+    assert not hopper_supports(q.float(), q.float(), q.float(), None)
+    assert not hopper_supports(q, q, q, torch.tensor([10]))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernel_compiles_for_sm90_with_tma_and_wgmma(head_dim):
+    compiled = compile_for_sm90(head_dim)
+    assert compiled["wgmma"] > 0 and compiled["tma_loads"] > 0
+    assert "setmaxnreg" in compiled["ptx"]  # the producer gives its registers to the consumers
+    assert "registers" in compiled["ptxas"]  # ptxas assembled it for sm_90a
+    # Q, a 2-stage K ring and a 2-stage V ring, 2 bytes per element
+    assert compiled["shared_bytes"] >= 2 * (128 * head_dim + 4 * 128 * head_dim)
