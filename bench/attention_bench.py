@@ -182,7 +182,7 @@ def write_markdown(path: Path, checks: list[dict], timings: list[dict], command:
         "## Speed (B=1, head_dim 128, bf16, median of do_bench; TFLOP/s = 4·H·S²·D / t)",
         "",
         "ours_hopper: the library's default path on H100 (Gluon, hopper_attention.py); triton_portable: the",
-        "Triton-lang kernel every other GPU runs; [B,S,H,D] view: both read the transposed view without a copy.",
+        "Triton-lang kernel every other GPU runs; [B,S,H,D] view: the inputs stored [B,S,H,D], passed transposed.",
         "",
         "| S | H | impl | ms | TFLOP/s | × cuDNN |",
         "|---|---|---|---|---|---|",

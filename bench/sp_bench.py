@@ -14,8 +14,7 @@ Modes: ``ours`` (1 GPU: our processors + backend, no parallelism), ``ulysses``, 
 (ulysses 2 x ring N/2, N >= 4), ``diffusers`` (1 GPU: eager diffusers; N GPUs: its Ulysses), and
 ``ours+compile`` / ``ulysses+compile`` (regional compile of the repeated blocks as ``compile_transformer``
 does it in the pool; the compile is timed apart, as ``compile_s``), ``ulysses+compile+overlap`` (the same with
-inductor's compute/communication reordering), ``ours+compile+graphs`` / ``ulysses+compile+graphs`` (compiled
-blocks replayed as CUDA graphs), ``diffusers+compile`` (diffusers' own Ulysses, regionally compiled the
+inductor's compute/communication reordering), ``diffusers+compile`` (diffusers' own Ulysses, regionally compiled the
 same way: the like-for-like baseline of the compiled modes). diffusers runs last in each pool because
 enable_parallelism cannot be undone.
 """
@@ -194,22 +193,19 @@ class BenchWorker:
             handle = parallelize_transformer(self.model, SPTransformerConfig(attention_backend=self.attention))
         compiled = "+compile" in mode
         compile_s = None
-        if compiled:  # what compile_transformer does in the pool: after the SP processors (or diffusers' CP) are in
-            from smart_diffusion_backend.attention.compile import compile_repeated_blocks
+        try:  # a mode that fails (even in its compile) must leave the model eager and unsharded for the next
+            if compiled:  # what compile_transformer does in the pool: after the SP processors (or diffusers' CP)
+                from smart_diffusion_backend.attention.compile import compile_repeated_blocks
 
-            # +overlap: inductor moves each all-to-all as early and its wait as late as the graph allows, so
-            # q's transfer can run under the k/v projections (an experiment, not what the pool does yet)
-            torch._inductor.config.reorder_for_compute_comm_overlap = mode.endswith("+overlap")
-            # +graphs: each compiled block replays as a CUDA graph (cudagraph trees), one launch instead of its
-            # kernels', for forwards bound by the host (Flux at 1024² on several GPUs)
-            compile_mode = "reduce-overhead" if mode.endswith("+graphs") else None
-            compile_repeated_blocks(self.model, mode=compile_mode, dynamic=None, fullgraph=False)
-            started = time.perf_counter()
-            with torch.inference_mode():
-                self.model(**self.inputs)  # the compile, kept out of the timing
-            self._sync()
-            compile_s = time.perf_counter() - started
-        try:
+                # +overlap: inductor moves each all-to-all as early and its wait as late as the graph allows, so
+                # q's transfer can run under the k/v projections (an experiment, not what the pool does yet)
+                torch._inductor.config.reorder_for_compute_comm_overlap = mode.endswith("+overlap")
+                compile_repeated_blocks(self.model, dynamic=None, fullgraph=False)
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    self.model(**self.inputs)  # the compile, kept out of the timing
+                self._sync()
+                compile_s = time.perf_counter() - started
             times, out = self._time(warmup, iters)
             use_profile = profile == "host" or (profile and self.ctx.device.type == "cuda")
             kernel_ms = self._profile(profile == "host") if use_profile else None
@@ -257,7 +253,7 @@ def _kernel_kind(name: str) -> str:
     return "other (elementwise, norms)"
 
 
-_VARIANTS = {"ours": ("", "+compile", "+compile+graphs"), "ulysses": ("", "+compile", "+compile+overlap", "+compile+graphs"),
+_VARIANTS = {"ours": ("", "+compile"), "ulysses": ("", "+compile", "+compile+overlap"),
              "ring": ("",), "hybrid": ("",), "diffusers": ("", "+compile")}
 
 

@@ -22,8 +22,8 @@ _DIFFUSERS = {False: "diffusers", True: "diffusers+compile"}
 
 
 def _baseline(mode: str, times: dict) -> float | None:
-    """The same run's 1-GPU time of the same kind: ulysses+compile+graphs over ours+compile+graphs if it ran,
-    else over ours+compile; eager modes over ours."""
+    """The same run's 1-GPU time of the same kind: a compiled mode over ours+compile (or ours+<its suffix> if
+    that ran), eager modes over ours."""
     suffix = mode.partition("+")[2]
     for candidate in ([f"ours+{suffix}"] if suffix else []) + (["ours+compile"] if "compile" in suffix else []) + ["ours"]:
         if (candidate, 1) in times:
@@ -70,8 +70,8 @@ def run_table(header: dict, rows: list[dict]) -> list[str]:
             else:
                 cells.append(_fmt(t))
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    lines += ["", "Speed-ups are over the same run's 1-GPU `ours` of the same kind (`ours+compile` for compiled modes, "
-              "`ours+compile+graphs` for CUDA-graph modes where it ran)."]
+    lines += ["", "Speed-ups are over the same run's 1-GPU `ours` of the same kind (`ours+compile` for compiled "
+              "modes)."]
     versus = []
     for mode, g in times:
         if mode.startswith("diffusers"):
