@@ -52,8 +52,17 @@ def test_cpu_float32_odd_head_dim_and_per_batch_lengths_stay_on_the_portable_ker
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_kernel_compiles_for_sm90_with_tma_and_wgmma(head_dim):
     compiled = compile_for_sm90(head_dim)
-    assert compiled["wgmma"] > 0 and compiled["tma_loads"] > 0
+    assert compiled["wgmma"] > 0 and compiled["tma_loads"] > 0 and compiled["int8_wgmma"] == 0
     assert "setmaxnreg" in compiled["ptx"]  # the producer gives its registers to the consumers
     assert "registers" in compiled["ptxas"]  # ptxas assembled it for sm_90a
     # Q, a 2-stage K ring and a 2-stage V ring, 2 bytes per element
     assert compiled["shared_bytes"] >= 2 * (128 * head_dim + 4 * 128 * head_dim)
+
+
+def test_int8_qk_variant_compiles_to_int8_wgmma_without_spills():
+    # The SageAttention-1 variant (bench/hopper_int8_attention.py): int8 Q.K^T, bf16 P.V
+    compiled = compile_for_sm90(128, qk_int8=True, stages=3)
+    assert 0 < compiled["int8_wgmma"] < compiled["wgmma"]
+    assert "0 bytes spill stores" in compiled["ptxas"]
+    # int8 Q (16 KiB) and 3 stages of int8 K (16 KiB) and bf16 V (32 KiB)
+    assert compiled["shared_bytes"] >= 128 * 128 + 3 * (128 * 128 + 2 * 128 * 128)

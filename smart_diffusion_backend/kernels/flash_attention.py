@@ -496,28 +496,9 @@ def _launch_quantized(q, k, v, softmax_scale: float, kv_len, return_lse: bool, p
     qb = _QUANT_BLOCK
     qk_int8 = precision == "int8"
     pv_fp8 = precision == "fp8"
-    # Buffers padded to 128 rows so the attention tiles (<= 128) never read past them.
-    seq_q_pad = triton.cdiv(seq_q, 128) * 128
-    seq_kv_pad = triton.cdiv(seq_kv, 128) * 128
     dev = q.device
-    qk_dtype = torch.int8 if qk_int8 else torch.float8_e4m3fn
-
-    # K smoothing: subtract the per-channel mean of the valid keys (exact for softmax, shrinks K's range).
-    k_mean = _key_mean(k, kv_len)  # [B,H,D] float32
-    k_mean_pad = torch.zeros((batch * heads, block_d), device=dev, dtype=torch.float32)
-    k_mean_pad[:, :head_dim] = k_mean.reshape(batch * heads, head_dim)
-
-    q8 = torch.zeros((batch * heads, seq_q_pad, block_d), device=dev, dtype=qk_dtype)
-    k8 = torch.zeros((batch * heads, seq_kv_pad, block_d), device=dev, dtype=qk_dtype)
-    q_scale = torch.ones((batch * heads, seq_q_pad // qb), device=dev, dtype=torch.float32)
-    k_scale = torch.ones((batch * heads, seq_kv_pad // qb), device=dev, dtype=torch.float32)
-    # Q carries softmax_scale * log2 e so the kernel's scores come out in log2 units.
-    kernels["quant_rows"][(triton.cdiv(seq_q, qb), batch * heads)](
-        q, k_mean_pad, q8, q_scale, *q.stride(), heads, seq_q, seq_q_pad, softmax_scale * _LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, QUANT_BLOCK=qb, SUBTRACT_MEAN=False, TO_INT8=qk_int8)
-    kernels["quant_rows"][(triton.cdiv(seq_kv, qb), batch * heads)](
-        k, k_mean_pad, k8, k_scale, *k.stride(), heads, seq_kv, seq_kv_pad, 1.0,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, QUANT_BLOCK=qb, SUBTRACT_MEAN=True, TO_INT8=qk_int8)
+    q8, q_scale, k8, k_scale, k_mean = quantize_qk(q, k, softmax_scale, kv_len, int8=qk_int8)
+    seq_q_pad, seq_kv_pad = q8.shape[1], k8.shape[1]
 
     v_scale = torch.ones((batch * heads, block_d), device=dev, dtype=torch.float32)
     if pv_fp8:
@@ -549,6 +530,42 @@ def _launch_quantized(q, k, v, softmax_scale: float, kv_len, return_lse: bool, p
         # Smoothing shifted every score of a row by q·mean·scale; add it back so lse is the true one.
         lse = lse + torch.einsum("bhsd,bhd->bhs", q.float(), k_mean) * softmax_scale
     return out, lse
+
+
+def quantize_qk(q: torch.Tensor, k: torch.Tensor, softmax_scale: float, kv_len, *, int8: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q and K quantised SageAttention-style, for the quantised kernels: ``(q8, q_scale, k8, k_scale, k_mean)``.
+
+    K is smoothed by its mean over the valid keys (``k_mean``, [B,H,D] float32: exact for softmax, it shifts a
+    row's scores by a constant); Q carries ``softmax_scale * log2 e`` so scores come out in log2 units. One
+    float32 scale per ``_QUANT_BLOCK`` rows. q8/k8 are contiguous ``[B*H, S_pad, D_pad]`` (int8 or float8 e4m3),
+    rows padded with zeros to a multiple of 128 and head_dim to a power of two; scales ``[B*H, S_pad/64]``."""
+    kernels = _build_kernels(_interpreting())
+    batch, heads, seq_q, head_dim = q.shape
+    seq_kv = k.shape[2]
+    block_d = _padded_head_dim(head_dim)
+    qb = _QUANT_BLOCK
+    # Padded to 128 rows so the attention tiles (<= 128) never read past them.
+    seq_q_pad = triton.cdiv(seq_q, 128) * 128
+    seq_kv_pad = triton.cdiv(seq_kv, 128) * 128
+    dev = q.device
+    qk_dtype = torch.int8 if int8 else torch.float8_e4m3fn
+
+    k_mean = _key_mean(k, kv_len)  # [B,H,D] float32
+    k_mean_pad = torch.zeros((batch * heads, block_d), device=dev, dtype=torch.float32)
+    k_mean_pad[:, :head_dim] = k_mean.reshape(batch * heads, head_dim)
+
+    q8 = torch.zeros((batch * heads, seq_q_pad, block_d), device=dev, dtype=qk_dtype)
+    k8 = torch.zeros((batch * heads, seq_kv_pad, block_d), device=dev, dtype=qk_dtype)
+    q_scale = torch.ones((batch * heads, seq_q_pad // qb), device=dev, dtype=torch.float32)
+    k_scale = torch.ones((batch * heads, seq_kv_pad // qb), device=dev, dtype=torch.float32)
+    kernels["quant_rows"][(triton.cdiv(seq_q, qb), batch * heads)](
+        q, k_mean_pad, q8, q_scale, *q.stride(), heads, seq_q, seq_q_pad, softmax_scale * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, QUANT_BLOCK=qb, SUBTRACT_MEAN=False, TO_INT8=int8)
+    kernels["quant_rows"][(triton.cdiv(seq_kv, qb), batch * heads)](
+        k, k_mean_pad, k8, k_scale, *k.stride(), heads, seq_kv, seq_kv_pad, 1.0,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, QUANT_BLOCK=qb, SUBTRACT_MEAN=True, TO_INT8=int8)
+    return q8, q_scale, k8, k_scale, k_mean
 
 
 def _key_mean(k: torch.Tensor, kv_len) -> torch.Tensor:

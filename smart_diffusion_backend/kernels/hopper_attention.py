@@ -17,6 +17,10 @@ Structure: one CTA per 128 query rows of one (batch, head), three partitions.
   O += P_{j-1}.V_{j-1}, and the softmax of S_j runs while that second wgmma is still in flight. P stays in
   registers (wgmma's A operand).
 
+``QK_INT8`` (a constexpr of the kernel) switches Q.K^T to int8 wgmma on SageAttention-1 inputs (the library's
+``quantize_qk``: per-64-row scales, K smoothed by its mean), with P.V in V's dtype. ``flash_attention`` does
+not route to it yet: bench/hopper_int8_attention.py measures it against float32, cuDNN and the bf16 kernel.
+
 Addressing: Q, K and V are read through 2-D TMA descriptors, so each may be in either of the two layouts
 DiT attention produces without a copy:
 * "heads outer", ``[B, H, S, D]`` contiguous: rows ``(b*H + h)*S + s`` of a ``[B*H*S, D]`` view;
@@ -51,7 +55,8 @@ _LN2 = 0.6931471805599453
 
 @gluon.jit
 def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                    q_row, q_col, kv_row, kv_col, num_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                    q_row, q_col, k_row, k_col, v_row, v_col, num_tiles, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr):
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
     for j in range(num_tiles):
@@ -59,11 +64,11 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_rea
         free_phase = ((j // STAGES) & 1) ^ 1  # the first pass over the ring finds every buffer free
         mbarrier.wait(k_empty.index(stage), free_phase)
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage),
+        tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, k_col], k_ready.index(stage),
                                         k_smem.index(stage))
         mbarrier.wait(v_empty.index(stage), free_phase)
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage),
+        tma.async_copy_global_to_shared(v_desc, [v_row + j * BLOCK_N, v_col], v_ready.index(stage),
                                         v_smem.index(stage))
 
 
@@ -82,26 +87,42 @@ def _softmax_update(s, m_i, l_i, qk_scale, col_start, kv_end, MASK: gl.constexpr
 
 
 @gluon.jit
+def _scores(s, q_scale, k_scale_ptr, k_scale_offset, col_start, BLOCK_N: gl.constexpr, col_layout: gl.constexpr,
+            QK_INT8: gl.constexpr):
+    # QK_INT8: int32 Q8.K8^T -> float32 scores, one Q scale for the partition's 64 rows, one K scale per 64 keys.
+    scores = s
+    if QK_INT8:
+        cols = col_start + gl.arange(0, BLOCK_N, layout=col_layout)
+        k_scale = gl.load(k_scale_ptr + k_scale_offset + cols // 64)
+        scores = s.to(gl.float32) * gl.expand_dims(k_scale * q_scale, 0)
+    return scores
+
+
+@gluon.jit
 def _compute_partition(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                        out_ptr, lse_ptr, stride_os, out_offset, lse_offset, q_start, seq_q, kv_end, num_tiles,
-                       qk_scale, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                       STAGES: gl.constexpr, RETURN_LSE: gl.constexpr):
-    # ROWS query rows on one warp group (4 warps).
+                       qk_scale, q_scale_ptr, k_scale_ptr, q_scale_offset, k_scale_offset, ROWS: gl.constexpr,
+                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                       RETURN_LSE: gl.constexpr, QK_INT8: gl.constexpr):
+    # ROWS query rows on one warp group (4 warps). QK_INT8: Q and K are int8 with per-64-row scales
+    # (SageAttention 1, an experiment measured by bench/hopper_int8_attention.py); P.V stays in V's dtype.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
+                                                       instr_shape=[16, BLOCK_N, 32 if QK_INT8 else 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-    dtype: gl.constexpr = q_smem.dtype
+    dtype: gl.constexpr = v_smem.dtype
 
+    q_scale = 1.0
+    if QK_INT8:
+        q_scale = gl.load(q_scale_ptr + q_scale_offset + q_start // 64)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
     l_i = gl.full([ROWS], 0.0, gl.float32, row_s)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-    s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    s_init = gl.zeros([ROWS, BLOCK_N], gl.int32 if QK_INT8 else gl.float32, s_layout)
     mbarrier.wait(q_bar, 0)
 
     # Tile 0: S_0 and its softmax; P_0 waits for the next iteration's second wgmma.
@@ -109,10 +130,11 @@ def _compute_partition(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s, ))
     mbarrier.arrive(k_empty.index(0), count=1)
+    scores = _scores(s, q_scale, k_scale_ptr, k_scale_offset, 0, BLOCK_N, col_s, QK_INT8)
     if BLOCK_N > kv_end:
-        p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, 0, kv_end, True, BLOCK_N, col_s)
+        p, m_i, l_i, alpha = _softmax_update(scores, m_i, l_i, qk_scale, 0, kv_end, True, BLOCK_N, col_s)
     else:
-        p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, 0, kv_end, False, BLOCK_N, col_s)
+        p, m_i, l_i, alpha = _softmax_update(scores, m_i, l_i, qk_scale, 0, kv_end, False, BLOCK_N, col_s)
 
     for j in range(1, num_tiles):
         stage = j % STAGES
@@ -126,14 +148,31 @@ def _compute_partition(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s, ))  # S_j is ready; P_{j-1}.V_{j-1} may still run
+        scores = _scores(s, q_scale, k_scale_ptr, k_scale_offset, j * BLOCK_N, BLOCK_N, col_s, QK_INT8)
         if (j + 1) * BLOCK_N > kv_end:
-            p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, j * BLOCK_N, kv_end, True, BLOCK_N, col_s)
+            p, m_i, l_i, alpha = _softmax_update(scores, m_i, l_i, qk_scale, j * BLOCK_N, kv_end, True, BLOCK_N,
+                                                 col_s)
         else:
-            p, m_i, l_i, alpha = _softmax_update(s, m_i, l_i, qk_scale, j * BLOCK_N, kv_end, False, BLOCK_N, col_s)
+            p, m_i, l_i, alpha = _softmax_update(scores, m_i, l_i, qk_scale, j * BLOCK_N, kv_end, False, BLOCK_N,
+                                                 col_s)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         mbarrier.arrive(k_empty.index(stage), count=1)
         mbarrier.arrive(v_empty.index(prev), count=1)
 
+    _finish_rows(acc, p, alpha, m_i, l_i, v_smem, v_ready, num_tiles, out_ptr, lse_ptr, stride_os, out_offset,
+                 lse_offset, q_start, seq_q, ROWS, HEAD_DIM, STAGES, RETURN_LSE)
+
+
+@gluon.jit
+def _finish_rows(acc, p, alpha, m_i, l_i, v_smem, v_ready, num_tiles, out_ptr, lse_ptr, stride_os, out_offset,
+                 lse_offset, q_start, seq_q, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                 RETURN_LSE: gl.constexpr):
+    # The last tile's P.V, then normalise and store this partition's rows (and their log-sum-exp).
+    o_layout: gl.constexpr = acc.type.layout
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    dtype: gl.constexpr = v_smem.dtype
     last = (num_tiles - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((num_tiles - 1) // STAGES) & 1)
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
@@ -152,9 +191,21 @@ def _compute_partition(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
 
 
 @gluon.jit
+def _init_ring_barriers(q_bar, k_ready, k_empty, v_ready, v_empty, STAGES: gl.constexpr):
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumers hand the buffer back
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=2)
+
+
+@gluon.jit
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, out_ptr, lse_ptr, stride_ob, stride_oh, stride_os, heads, seq_q,
-                     seq_kv, kv_end, qk_scale, q_rows_b, q_rows_h, q_col_h, kv_rows_b, kv_rows_h, kv_col_h,
-                     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr):
+                     seq_kv, kv_end, qk_scale, q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h,
+                     v_rows_b, v_rows_h, v_col_h, q_scale_ptr, k_scale_ptr, q_scale_rows, k_scale_rows,
+                     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
+                     QK_INT8: gl.constexpr):
     # The default partition and a 4-warp worker each compute half of the query rows; a 1-warp worker loads.
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -174,28 +225,29 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, out_ptr, lse_ptr, stride_ob, stride
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumers hand the buffer back
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=2)
+    _init_ring_barriers(q_bar, k_ready, k_empty, v_ready, v_empty, STAGES)
 
     out_offset = b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
     lse_offset = bh.to(gl.int64) * seq_q
     q_row = b * q_rows_b + h * q_rows_h + q_start
     q_col = h * q_col_h
-    kv_row = b * kv_rows_b + h * kv_rows_h
-    kv_col = h * kv_col_h
+    k_row = b * k_rows_b + h * k_rows_h
+    k_col = h * k_col_h
+    v_row = b * v_rows_b + h * v_rows_h
+    v_col = h * v_col_h
+    q_scale_offset = bh * q_scale_rows  # QK_INT8: scales are [B*H, S_pad/64]
+    k_scale_offset = bh * k_scale_rows
     gl.warp_specialize([
         (_compute_partition, (q_smem.slice(0, ROWS), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                               out_ptr, lse_ptr, stride_os, out_offset, lse_offset, q_start, seq_q, kv_end,
-                              num_tiles, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, RETURN_LSE)),
+                              num_tiles, qk_scale, q_scale_ptr, k_scale_ptr, q_scale_offset, k_scale_offset,
+                              ROWS, BLOCK_N, HEAD_DIM, STAGES, RETURN_LSE, QK_INT8)),
         (_compute_partition, (q_smem.slice(ROWS, ROWS), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                               v_empty, out_ptr, lse_ptr, stride_os, out_offset, lse_offset, q_start + ROWS, seq_q,
-                              kv_end, num_tiles, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, RETURN_LSE)),
+                              kv_end, num_tiles, qk_scale, q_scale_ptr, k_scale_ptr, q_scale_offset,
+                              k_scale_offset, ROWS, BLOCK_N, HEAD_DIM, STAGES, RETURN_LSE, QK_INT8)),
         (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                           v_empty, q_row, q_col, kv_row, kv_col, num_tiles, BLOCK_N, STAGES)),
+                           v_empty, q_row, q_col, k_row, k_col, v_row, v_col, num_tiles, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
 
 
@@ -228,7 +280,7 @@ def row_view(t: torch.Tensor) -> RowView | None:
 
 
 def _descriptor(t: torch.Tensor, view: RowView, block_rows: int) -> TensorDescriptor:
-    gl_dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int8: gl.int8}[t.dtype]
     head_dim = t.shape[-1]
     layout = gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], gl_dtype)
     flat = t.as_strided((view.rows, view.width), (view.row_stride, 1))
@@ -260,9 +312,6 @@ def hopper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_
             view = row_view(t)
         views.append((t, view))
     (q, q_view), (k, k_view), (v, v_view) = views
-    if k_view != v_view:  # K and V share one row/column addressing in the kernel
-        k, v = k.contiguous(), v.contiguous()
-        k_view = v_view = row_view(k)
     target = out
     if out is not None and (out.stride(-1) != 1 or out.data_ptr() % 16):
         out = None  # the kernel stores rows of head_dim contiguous elements
@@ -276,35 +325,41 @@ def hopper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_
         softmax_scale * _LOG2E,
         q_view.rows_per_batch, q_view.rows_per_head, q_view.cols_per_head,
         k_view.rows_per_batch, k_view.rows_per_head, k_view.cols_per_head,
-        HEAD_DIM=head_dim, STAGES=STAGES, RETURN_LSE=return_lse, num_warps=4)
+        v_view.rows_per_batch, v_view.rows_per_head, v_view.cols_per_head,
+        lse, lse, 0, 0,  # no int8 scales
+        HEAD_DIM=head_dim, STAGES=STAGES, RETURN_LSE=return_lse, QK_INT8=False, num_warps=4)
     if target is not None and target is not out:
         out = target.copy_(out)
     return out, lse
 
 
-def compile_for_sm90(head_dim: int) -> dict:
+def compile_for_sm90(head_dim: int, *, qk_int8: bool = False, stages: int = STAGES) -> dict:
     """Ahead-of-time compile for sm_90 on any machine (no GPU needed): used by the CPU tests and the bench."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    t = torch.empty((1, 2, 300, head_dim), dtype=torch.bfloat16)
-    view = row_view(t)
-    q_desc, k_desc = _descriptor(t, view, BLOCK_M), _descriptor(t, view, BLOCK_N)
+    t = torch.empty((1, 2, 384, head_dim), dtype=torch.bfloat16)
+    qk = t.to(torch.int8) if qk_int8 else t
+    q_desc, k_desc = _descriptor(qk, row_view(qk), BLOCK_M), _descriptor(qk, row_view(qk), BLOCK_N)
+    v_desc = _descriptor(t, row_view(t), BLOCK_N)
     names = ["q_desc", "k_desc", "v_desc", "out_ptr", "lse_ptr", "stride_ob", "stride_oh", "stride_os", "heads",
-             "seq_q", "seq_kv", "kv_end", "qk_scale", "q_rows_b", "q_rows_h", "q_col_h", "kv_rows_b",
-             "kv_rows_h", "kv_col_h", "HEAD_DIM", "STAGES", "RETURN_LSE"]
-    types = [mangle_type(q_desc), mangle_type(k_desc), mangle_type(k_desc), "*bf16", "*fp32"] + ["i32"] * 7 + \
-        ["fp32"] + ["i32"] * 6 + ["constexpr"] * 3
+             "seq_q", "seq_kv", "kv_end", "qk_scale", "q_rows_b", "q_rows_h", "q_col_h", "k_rows_b",
+             "k_rows_h", "k_col_h", "v_rows_b", "v_rows_h", "v_col_h", "q_scale_ptr", "k_scale_ptr",
+             "q_scale_rows", "k_scale_rows", "HEAD_DIM", "STAGES", "RETURN_LSE", "QK_INT8"]
+    types = [mangle_type(q_desc), mangle_type(k_desc), mangle_type(v_desc), "*bf16", "*fp32"] + ["i32"] * 7 + \
+        ["fp32"] + ["i32"] * 9 + ["*fp32", "*fp32", "i32", "i32"] + ["constexpr"] * 4
     signature = dict(zip(names, types))
     # As the runtime specialises them: 16-byte-aligned pointers, strides divisible by 16.
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in ("out_ptr", "lse_ptr", "stride_os")}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]]
+               for n in ("out_ptr", "lse_ptr", "stride_os", "q_scale_ptr", "k_scale_ptr")}
     src = GluonASTSource(fn=_attn_fwd_hopper, signature=signature, attrs=aligned,
-                         constexprs={"HEAD_DIM": head_dim, "STAGES": STAGES, "RETURN_LSE": True})
+                         constexprs={"HEAD_DIM": head_dim, "STAGES": stages, "RETURN_LSE": True, "QK_INT8": qk_int8})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = kernel.asm["ptx"]
     return {"ptx": ptx, "shared_bytes": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
-            "tma_loads": ptx.count("cp.async.bulk.tensor"), "ptxas": _ptxas_report(ptx)}
+            "int8_wgmma": ptx.count(".s32.s8.s8"), "tma_loads": ptx.count("cp.async.bulk.tensor"),
+            "ptxas": _ptxas_report(ptx)}
 
 
 def _ptxas_report(ptx: str) -> str:
