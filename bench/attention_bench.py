@@ -28,7 +28,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from smart_diffusion_backend.kernels import flash_attention  # noqa: E402
 from smart_diffusion_backend.kernels.flash_attention import _build_kernels, _launch_bf16  # noqa: E402
-from smart_diffusion_backend.kernels.hopper_attention import hopper_supports  # noqa: E402
+from smart_diffusion_backend.kernels.hopper_attention import hopper_attention, hopper_supports  # noqa: E402
 
 HEADS_BY_SIZE = {4608: 24, 16384: 24, 32760: 40, 75600: 40}
 TOLERANCE = {"bf16": 1e-2, "int8": 2e-2, "fp8": 2e-2}
@@ -49,7 +49,7 @@ def rel_l2(out, ref):
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-def correctness_checks() -> list[dict]:
+def correctness_checks(with_persistent: bool) -> list[dict]:
     cases = [
         # (batch, heads, seq_q, seq_kv, head_dim, kv_len)
         (1, 24, 4608, 4608, 128, None),
@@ -91,18 +91,22 @@ def correctness_checks() -> list[dict]:
                 q, k, v = make(seq_q), make(seq_kv), make(seq_kv)
                 if kv_len == "tensor":
                     kv_len = torch.tensor([seq_kv - 100, seq_kv - 7], device="cuda", dtype=torch.int32)
-                kernels = ["library"] + (["portable"] if precision == "bf16" and hopper_supports(q, k, v, kv_len) else [])
+                on_hopper = precision == "bf16" and hopper_supports(q, k, v, kv_len)
+                kernels = ["library"] + (["portable"] if on_hopper else []) + \
+                    (["hopper_persistent"] if on_hopper and with_persistent else [])
                 ref = reference(q, k, v, kv_len=kv_len)
                 for kernel in kernels:
                     out = torch.full_like(q, float("nan"))  # poisoned: any unwritten element fails the check
                     if kernel == "portable":
                         out, lse = _launch_bf16(q, k, v, head_dim ** -0.5, kv_len, True, out, allow_hopper=False)
+                    elif kernel == "hopper_persistent":
+                        out, lse = hopper_attention(q, k, v, head_dim ** -0.5, kv_len, True, out, persistent=True)
                     else:
                         out, lse = flash_attention(q, k, v, kv_len=kv_len, return_lse=True, precision=precision,
                                                    out=out)
                     torch.cuda.synchronize()
                     err = rel_l2(out, ref)
-                    path = kernel if kernel == "portable" or precision != "bf16" else \
+                    path = kernel if kernel != "library" or precision != "bf16" else \
                         ("hopper" if hopper_supports(q, k, v, kv_len) else "portable")
                     row = dict(dtype=str(dtype).split(".")[-1], precision=precision, kernel=path, layout=layout,
                                shape=[batch, heads, seq_q, seq_kv, head_dim],
@@ -124,7 +128,21 @@ def correctness_checks() -> list[dict]:
     return rows
 
 
-def speed(sizes: list[int], precisions: list[str]) -> list[dict]:
+def smoke_persistent() -> int:
+    """The persistent Hopper kernel against the default one on two shapes; 0 when they agree."""
+    failed = 0
+    for shape in [(1, 4, 1531, 128), (2, 24, 4608, 128)]:
+        q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        expected = flash_attention(q, k, v)
+        got, _ = hopper_attention(q, k, v, shape[-1] ** -0.5, None, False, persistent=True)
+        torch.cuda.synchronize()
+        err = rel_l2(got, expected.float())
+        print(json.dumps(dict(smoke_persistent=list(shape), rel_l2_vs_default=err)), flush=True)
+        failed += not err <= 1e-3
+    return int(failed > 0)
+
+
+def speed(sizes: list[int], precisions: list[str], with_persistent: bool) -> list[dict]:
     rows = []
     for seq in sizes:
         heads, head_dim = HEADS_BY_SIZE.get(seq, 24), 128
@@ -149,6 +167,10 @@ def speed(sizes: list[int], precisions: list[str]) -> list[dict]:
                 portable = lambda: _launch_bf16(q, k, v, scale, None, False, allow_hopper=False)  # noqa: E731
                 portable()
                 results["triton_portable"] = do_bench(portable, warmup=50, rep=rep, return_mode="median")
+                if with_persistent and hopper_supports(q, k, v, None):
+                    persistent = lambda: hopper_attention(q, k, v, scale, None, False, persistent=True)  # noqa: E731
+                    persistent()
+                    results["ours_hopper_persistent"] = do_bench(persistent, warmup=50, rep=rep, return_mode="median")
         # The layout diffusers' processors pass: [B, S, H, D] storage seen as [B, H, S, D], no copy.
         qi, ki, vi = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -181,7 +203,8 @@ def write_markdown(path: Path, checks: list[dict], timings: list[dict], command:
         "",
         "## Speed (B=1, head_dim 128, bf16, median of do_bench; TFLOP/s = 4·H·S²·D / t)",
         "",
-        "ours_hopper: the library's default path on H100 (Gluon, hopper_attention.py); triton_portable: the",
+        "ours_hopper: the library's default path on H100 (Gluon, hopper_attention.py); ours_hopper_persistent: the",
+        "same kernel with one CTA per SM walking the query tiles (an experiment); triton_portable: the",
         "Triton-lang kernel every other GPU runs; [B,S,H,D] view: the inputs stored [B,S,H,D], passed transposed.",
         "",
         "| S | H | impl | ms | TFLOP/s | × cuDNN |",
@@ -206,12 +229,18 @@ def main() -> None:
     parser.add_argument("--sizes", default="4608,16384,32760,75600")
     parser.add_argument("--precisions", default="bf16,int8,fp8")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--skip-persistent", action="store_true", help="leave out the persistent Hopper kernel")
+    parser.add_argument("--smoke-persistent", action="store_true",
+                        help="only run the persistent Hopper kernel on two shapes against the default one (exit 1 if "
+                             "they differ); run it under `timeout` first: a pipeline mistake hangs the GPU")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("attention_bench needs a CUDA GPU")
+    if args.smoke_persistent:
+        raise SystemExit(smoke_persistent())
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    checks = [] if args.skip_check else correctness_checks()
-    timings = speed([int(s) for s in args.sizes.split(",")], args.precisions.split(","))
+    checks = [] if args.skip_check else correctness_checks(not args.skip_persistent)
+    timings = speed([int(s) for s in args.sizes.split(",")], args.precisions.split(","), not args.skip_persistent)
     write_markdown(args.out, checks, timings, command)
 
 

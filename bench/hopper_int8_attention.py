@@ -37,22 +37,25 @@ from smart_diffusion_backend.kernels.hopper_attention import (  # noqa: E402
     _attn_fwd_hopper,
     _descriptor,
     compile_for_sm90,
+    launch_grid,
     row_view,
 )
 
 
-def _launch(q8, q_scale, k8, k_scale, v, out, lse, seq_q: int, kv_end: int, stages: int, return_lse: bool) -> None:
+def _launch(q8, q_scale, k8, k_scale, v, out, lse, seq_q: int, kv_end: int, stages: int, return_lse: bool,
+            persistent: bool = False) -> None:
     batch, heads = out.shape[:2]
     head_dim = out.shape[-1]
     q8v, k8v = (t.view(batch, heads, t.shape[1], t.shape[2]) for t in (q8, k8))  # [B*H, S_pad, D] as heads outer
     q_view, k_view, v_view = row_view(q8v), row_view(k8v), row_view(v)
-    _attn_fwd_hopper[(triton.cdiv(seq_q, BLOCK_M), batch * heads)](
+    _attn_fwd_hopper[launch_grid(seq_q, batch * heads, out.device, persistent)](
         _descriptor(q8v, q_view, BLOCK_M), _descriptor(k8v, k_view, BLOCK_N), _descriptor(v, v_view, BLOCK_N),
         out, lse, out.stride(0), out.stride(1), out.stride(2), heads, seq_q, k8.shape[1], kv_end, 1.0,
         q_view.rows_per_batch, q_view.rows_per_head, 0, k_view.rows_per_batch, k_view.rows_per_head, 0,
         v_view.rows_per_batch, v_view.rows_per_head, v_view.cols_per_head,
         q_scale, k_scale, q8.shape[1] // _QUANT_BLOCK, k8.shape[1] // _QUANT_BLOCK,
-        HEAD_DIM=head_dim, STAGES=stages, RETURN_LSE=return_lse, QK_INT8=True, num_warps=4)
+        triton.cdiv(seq_q, BLOCK_M) * batch * heads,
+        HEAD_DIM=head_dim, STAGES=stages, RETURN_LSE=return_lse, QK_INT8=True, PERSISTENT=persistent, num_warps=4)
 
 
 def hopper_int8_attention(q, k, v, *, kv_len: int | None = None, return_lse: bool = False, stages: int = 2,
@@ -146,6 +149,8 @@ def measure(stages: int) -> list[str]:
         for name, fn in [("cudnn", cudnn), ("bf16 hopper", lambda: flash_attention(q, k, v, out=out)),
                          ("int8 (with quantisation)", lambda: hopper_int8_attention(q, k, v, stages=stages, out=out)),
                          ("int8 kernel alone", kernel_only),
+                         ("int8 kernel alone, persistent",
+                          lambda: _launch(q8, q_scale, k8, k_scale, v, out, no_lse, s, s, stages, False, True)),
                          ("quantisation alone", lambda: quantize_qk(q, k, 128 ** -0.5, None, int8=True))]:
             ms = base if name == "cudnn" else do_bench(fn, rep=rep)
             lines.append(f"| {s} | {h} | {name} | {ms:.3f} | {4 * h * s * s * 128 / ms / 1e9:.0f} | {base / ms:.3f} |")

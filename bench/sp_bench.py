@@ -14,7 +14,8 @@ Modes: ``ours`` (1 GPU: our processors + backend, no parallelism), ``ulysses``, 
 (ulysses 2 x ring N/2, N >= 4), ``diffusers`` (1 GPU: eager diffusers; N GPUs: its Ulysses), and
 ``ours+compile`` / ``ulysses+compile`` (regional compile of the repeated blocks as ``compile_transformer``
 does it in the pool; the compile is timed apart, as ``compile_s``), ``ulysses+compile+overlap`` (the same with
-inductor's compute/communication reordering), ``diffusers+compile`` (diffusers' own Ulysses, regionally compiled the
+inductor's compute/communication reordering), ``ours+compile+graphs`` / ``ulysses+compile+graphs`` (compiled
+blocks replayed as CUDA graphs without cudagraph trees; not yet run on a GPU), ``diffusers+compile`` (diffusers' own Ulysses, regionally compiled the
 same way: the like-for-like baseline of the compiled modes). diffusers runs last in each pool because
 enable_parallelism cannot be undone.
 """
@@ -200,7 +201,15 @@ class BenchWorker:
                 # +overlap: inductor moves each all-to-all as early and its wait as late as the graph allows, so
                 # q's transfer can run under the k/v projections (an experiment, not what the pool does yet)
                 torch._inductor.config.reorder_for_compute_comm_overlap = mode.endswith("+overlap")
-                compile_repeated_blocks(self.model, dynamic=None, fullgraph=False)
+                # +graphs: each compiled block replays as a CUDA graph, one launch instead of its kernels', for
+                # forwards bound by the host (Flux 1024² on several GPUs). cudagraph trees fail here: every block
+                # shares one compiled graph, and each replay overwrites the output the next block reads
+                # (sp_flux-h100x4-graphs-failed.jsonl). Without trees each graph copies its inputs into static
+                # buffers before replaying, so block i+1 may overwrite block i's output.
+                graphs = mode.endswith("+graphs")
+                torch._inductor.config.triton.cudagraph_trees = not graphs
+                compile_repeated_blocks(self.model, mode="reduce-overhead" if graphs else None, dynamic=None,
+                                        fullgraph=False)
                 started = time.perf_counter()
                 with torch.inference_mode():
                     self.model(**self.inputs)  # the compile, kept out of the timing
@@ -253,7 +262,7 @@ def _kernel_kind(name: str) -> str:
     return "other (elementwise, norms)"
 
 
-_VARIANTS = {"ours": ("", "+compile"), "ulysses": ("", "+compile", "+compile+overlap"),
+_VARIANTS = {"ours": ("", "+compile", "+compile+graphs"), "ulysses": ("", "+compile", "+compile+overlap", "+compile+graphs"),
              "ring": ("",), "hybrid": ("",), "diffusers": ("", "+compile")}
 
 

@@ -49,9 +49,9 @@ def test_cpu_float32_odd_head_dim_and_per_batch_lengths_stay_on_the_portable_ker
     assert not hopper_supports(q, q, q, torch.tensor([10]))
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_kernel_compiles_for_sm90_with_tma_and_wgmma(head_dim):
-    compiled = compile_for_sm90(head_dim)
+@pytest.mark.parametrize("head_dim,persistent", [(64, False), (128, False), (128, True)])
+def test_kernel_compiles_for_sm90_with_tma_and_wgmma(head_dim, persistent):
+    compiled = compile_for_sm90(head_dim, persistent=persistent)
     assert compiled["wgmma"] > 0 and compiled["tma_loads"] > 0 and compiled["int8_wgmma"] == 0
     assert "setmaxnreg" in compiled["ptx"]  # the producer gives its registers to the consumers
     assert "registers" in compiled["ptxas"]  # ptxas assembled it for sm_90a

@@ -34,6 +34,7 @@ sequence-parallel padding is finite by construction. Query rows past ``seq_q`` a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,14 +55,13 @@ _LN2 = 0.6931471805599453
 
 
 @gluon.jit
-def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                    q_row, q_col, k_row, k_col, v_row, v_col, num_tiles, BLOCK_N: gl.constexpr,
-                    STAGES: gl.constexpr):
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
+def _load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, k_row, k_col, v_row, v_col,
+                   num_tiles, kv_it, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    # K and V tiles of one query tile into the ring; kv_it counts the ring's tiles before it (persistent CTAs).
     for j in range(num_tiles):
-        stage = j % STAGES
-        free_phase = ((j // STAGES) & 1) ^ 1  # the first pass over the ring finds every buffer free
+        it = kv_it + j
+        stage = it % STAGES
+        free_phase = ((it // STAGES) & 1) ^ 1  # the first pass over the ring finds every buffer free
         mbarrier.wait(k_empty.index(stage), free_phase)
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, k_col], k_ready.index(stage),
@@ -70,6 +70,16 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_rea
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(v_desc, [v_row + j * BLOCK_N, v_col], v_ready.index(stage),
                                         v_smem.index(stage))
+
+
+@gluon.jit
+def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                    q_row, q_col, k_row, k_col, v_row, v_col, num_tiles, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr):
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
+    _load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, k_row, k_col, v_row, v_col,
+                   num_tiles, 0, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -99,13 +109,12 @@ def _scores(s, q_scale, k_scale_ptr, k_scale_offset, col_start, BLOCK_N: gl.cons
 
 
 @gluon.jit
-def _compute_partition(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                       out_ptr, lse_ptr, stride_os, out_offset, lse_offset, q_start, seq_q, kv_end, num_tiles,
-                       qk_scale, q_scale_ptr, k_scale_ptr, q_scale_offset, k_scale_offset, ROWS: gl.constexpr,
-                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                       RETURN_LSE: gl.constexpr, QK_INT8: gl.constexpr):
-    # ROWS query rows on one warp group (4 warps). QK_INT8: Q and K are int8 with per-64-row scales
-    # (SageAttention 1, an experiment measured by bench/hopper_int8_attention.py); P.V stays in V's dtype.
+def _attend_rows(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, q_scale_ptr, k_scale_ptr,
+                 q_scale_offset, k_scale_offset, q_start, kv_end, num_tiles, kv_it, qk_scale, ROWS: gl.constexpr,
+                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr):
+    # One query tile's rows of this partition (4 warps) over every K/V tile, up to the last tile's P.V, which
+    # _finish_rows issues. Returns the accumulator, the last P and the softmax state. QK_INT8: Q and K are int8
+    # with per-64-row scales (SageAttention 1, measured by bench/hopper_int8_attention.py); P.V stays in V's dtype.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32 if QK_INT8 else 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -123,13 +132,13 @@ def _compute_partition(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
     l_i = gl.full([ROWS], 0.0, gl.float32, row_s)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     s_init = gl.zeros([ROWS, BLOCK_N], gl.int32 if QK_INT8 else gl.float32, s_layout)
-    mbarrier.wait(q_bar, 0)
 
     # Tile 0: S_0 and its softmax; P_0 waits for the next iteration's second wgmma.
-    mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+    first = kv_it % STAGES
+    mbarrier.wait(k_ready.index(first), (kv_it // STAGES) & 1)
+    s = warpgroup_mma(q_smem, k_smem.index(first).permute((1, 0)), s_init, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s, ))
-    mbarrier.arrive(k_empty.index(0), count=1)
+    mbarrier.arrive(k_empty.index(first), count=1)
     scores = _scores(s, q_scale, k_scale_ptr, k_scale_offset, 0, BLOCK_N, col_s, QK_INT8)
     if BLOCK_N > kv_end:
         p, m_i, l_i, alpha = _softmax_update(scores, m_i, l_i, qk_scale, 0, kv_end, True, BLOCK_N, col_s)
@@ -137,13 +146,13 @@ def _compute_partition(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
         p, m_i, l_i, alpha = _softmax_update(scores, m_i, l_i, qk_scale, 0, kv_end, False, BLOCK_N, col_s)
 
     for j in range(1, num_tiles):
-        stage = j % STAGES
-        prev = (j - 1) % STAGES
-        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+        stage = (kv_it + j) % STAGES
+        prev = (kv_it + j - 1) % STAGES
+        mbarrier.wait(k_ready.index(stage), ((kv_it + j) // STAGES) & 1)
         # use_acc=False ignores the accumulator's value: passing the spent S_{j-1} reuses its registers instead
         # of keeping a zero tile alive across the loop
         s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((kv_it + j - 1) // STAGES) & 1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
@@ -158,26 +167,28 @@ def _compute_partition(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         mbarrier.arrive(k_empty.index(stage), count=1)
         mbarrier.arrive(v_empty.index(prev), count=1)
-
-    _finish_rows(acc, p, alpha, m_i, l_i, v_smem, v_ready, num_tiles, out_ptr, lse_ptr, stride_os, out_offset,
-                 lse_offset, q_start, seq_q, ROWS, HEAD_DIM, STAGES, RETURN_LSE)
+    return acc, p, alpha, m_i, l_i
 
 
 @gluon.jit
-def _finish_rows(acc, p, alpha, m_i, l_i, v_smem, v_ready, num_tiles, out_ptr, lse_ptr, stride_os, out_offset,
-                 lse_offset, q_start, seq_q, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                 RETURN_LSE: gl.constexpr):
-    # The last tile's P.V, then normalise and store this partition's rows (and their log-sum-exp).
+def _finish_rows(acc, p, alpha, m_i, l_i, v_smem, v_ready, v_empty, num_tiles, kv_it, out_ptr, lse_ptr, stride_os,
+                 out_offset, lse_offset, q_start, seq_q, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 STAGES: gl.constexpr, RETURN_LSE: gl.constexpr, RELEASE_V: gl.constexpr):
+    # The last tile's P.V, then normalise and store this partition's rows (and their log-sum-exp). RELEASE_V:
+    # hand the last V buffer back (a persistent CTA's loader refills it for the next query tile).
     o_layout: gl.constexpr = acc.type.layout
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
     dtype: gl.constexpr = v_smem.dtype
-    last = (num_tiles - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((num_tiles - 1) // STAGES) & 1)
+    last_it = kv_it + num_tiles - 1
+    last = last_it % STAGES
+    mbarrier.wait(v_ready.index(last), (last_it // STAGES) & 1)
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
     acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
+    if RELEASE_V:
+        mbarrier.arrive(v_empty.index(last), count=1)
 
     l_o = gl.convert_layout(l_i, row_o)
     out = acc / gl.expand_dims(l_o, 1)
@@ -188,6 +199,72 @@ def _finish_rows(acc, p, alpha, m_i, l_i, v_smem, v_ready, num_tiles, out_ptr, l
     if RETURN_LSE:
         lse = (gl.convert_layout(m_i, row_o) + gl.log2(l_o)) * 0.6931471805599453
         gl.store(lse_ptr + lse_offset + rows, lse, mask=rows < seq_q)
+
+
+@gluon.jit
+def _compute_partition(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                       out_ptr, lse_ptr, stride_os, out_offset, lse_offset, q_start, seq_q, kv_end, num_tiles,
+                       qk_scale, q_scale_ptr, k_scale_ptr, q_scale_offset, k_scale_offset, ROWS: gl.constexpr,
+                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                       RETURN_LSE: gl.constexpr, QK_INT8: gl.constexpr):
+    # One query tile per CTA: ROWS of its rows on this warp group.
+    mbarrier.wait(q_bar, 0)
+    acc, p, alpha, m_i, l_i = _attend_rows(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, q_scale_ptr,
+                                           k_scale_ptr, q_scale_offset, k_scale_offset, q_start, kv_end, num_tiles,
+                                           0, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, QK_INT8)
+    _finish_rows(acc, p, alpha, m_i, l_i, v_smem, v_ready, v_empty, num_tiles, 0, out_ptr, lse_ptr, stride_os,
+                 out_offset, lse_offset, q_start, seq_q, ROWS, HEAD_DIM, STAGES, RETURN_LSE, False)
+
+
+@gluon.jit
+def _load_partition_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty,
+                               v_ready, v_empty, total_tiles, m_tiles, heads, q_rows_b, q_rows_h, q_col_h, k_rows_b,
+                               k_rows_h, k_col_h, v_rows_b, v_rows_h, v_col_h, num_tiles, BLOCK_M: gl.constexpr,
+                               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    # Query tiles pid, pid + G, ...: the next tile's Q is loaded as soon as both consumers have issued their last
+    # Q.K^T, and its K/V flow into the ring behind the current tile's, so one tile's epilogue hides the next's
+    # first loads.
+    kv_it = 0
+    t_local = 0
+    for tile in range(gl.program_id(0), total_tiles, gl.num_programs(0)):
+        bh = tile // m_tiles
+        q_start = (tile % m_tiles) * BLOCK_M
+        b = bh // heads
+        h = bh % heads
+        mbarrier.wait(q_empty, (t_local & 1) ^ 1)
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b * q_rows_b + h * q_rows_h + q_start, h * q_col_h], q_bar, q_smem)
+        _load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b * k_rows_b + h * k_rows_h,
+                       h * k_col_h, b * v_rows_b + h * v_rows_h, h * v_col_h, num_tiles, kv_it, BLOCK_N, STAGES)
+        kv_it += num_tiles
+        t_local += 1
+
+
+@gluon.jit
+def _compute_partition_persistent(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
+                                  out_ptr, lse_ptr, stride_ob, stride_oh, stride_os, total_tiles, m_tiles, heads,
+                                  seq_q, kv_end, num_tiles, qk_scale, q_scale_ptr, k_scale_ptr, q_scale_rows,
+                                  k_scale_rows, ROW_OFFSET: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr,
+                                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                                  RETURN_LSE: gl.constexpr, QK_INT8: gl.constexpr):
+    kv_it = 0
+    t_local = 0
+    for tile in range(gl.program_id(0), total_tiles, gl.num_programs(0)):
+        bh = tile // m_tiles
+        q_start = (tile % m_tiles) * BLOCK_M + ROW_OFFSET
+        b = bh // heads
+        h = bh % heads
+        mbarrier.wait(q_bar, t_local & 1)
+        acc, p, alpha, m_i, l_i = _attend_rows(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                                               q_scale_ptr, k_scale_ptr, bh * q_scale_rows, bh * k_scale_rows,
+                                               q_start, kv_end, num_tiles, kv_it, qk_scale, ROWS, BLOCK_N, HEAD_DIM,
+                                               STAGES, QK_INT8)
+        mbarrier.arrive(q_empty, count=1)  # every Q.K^T of this tile is done: Q may be overwritten
+        _finish_rows(acc, p, alpha, m_i, l_i, v_smem, v_ready, v_empty, num_tiles, kv_it, out_ptr, lse_ptr, stride_os,
+                     b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh, bh.to(gl.int64) * seq_q, q_start,
+                     seq_q, ROWS, HEAD_DIM, STAGES, RETURN_LSE, True)
+        kv_it += num_tiles
+        t_local += 1
 
 
 @gluon.jit
@@ -203,18 +280,15 @@ def _init_ring_barriers(q_bar, k_ready, k_empty, v_ready, v_empty, STAGES: gl.co
 @gluon.jit
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, out_ptr, lse_ptr, stride_ob, stride_oh, stride_os, heads, seq_q,
                      seq_kv, kv_end, qk_scale, q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h,
-                     v_rows_b, v_rows_h, v_col_h, q_scale_ptr, k_scale_ptr, q_scale_rows, k_scale_rows,
+                     v_rows_b, v_rows_h, v_col_h, q_scale_ptr, k_scale_ptr, q_scale_rows, k_scale_rows, total_tiles,
                      HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
-                     QK_INT8: gl.constexpr):
+                     QK_INT8: gl.constexpr, PERSISTENT: gl.constexpr):
     # The default partition and a 4-warp worker each compute half of the query rows; a 1-warp worker loads.
+    # PERSISTENT: a grid of at most one CTA per SM walks the total_tiles query tiles (query-tile index fastest,
+    # then batch x head), see _load_partition_persistent; otherwise the grid is (query tiles, batch x heads).
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     ROWS: gl.constexpr = BLOCK_M // 2
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // heads
-    h = bh % heads
-    q_start = pid_m * BLOCK_M
     num_tiles = gl.cdiv(kv_end, BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -227,28 +301,54 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, out_ptr, lse_ptr, stride_ob, stride
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     _init_ring_barriers(q_bar, k_ready, k_empty, v_ready, v_empty, STAGES)
 
-    out_offset = b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-    lse_offset = bh.to(gl.int64) * seq_q
-    q_row = b * q_rows_b + h * q_rows_h + q_start
-    q_col = h * q_col_h
-    k_row = b * k_rows_b + h * k_rows_h
-    k_col = h * k_col_h
-    v_row = b * v_rows_b + h * v_rows_h
-    v_col = h * v_col_h
-    q_scale_offset = bh * q_scale_rows  # QK_INT8: scales are [B*H, S_pad/64]
-    k_scale_offset = bh * k_scale_rows
-    gl.warp_specialize([
-        (_compute_partition, (q_smem.slice(0, ROWS), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                              out_ptr, lse_ptr, stride_os, out_offset, lse_offset, q_start, seq_q, kv_end,
-                              num_tiles, qk_scale, q_scale_ptr, k_scale_ptr, q_scale_offset, k_scale_offset,
-                              ROWS, BLOCK_N, HEAD_DIM, STAGES, RETURN_LSE, QK_INT8)),
-        (_compute_partition, (q_smem.slice(ROWS, ROWS), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                              v_empty, out_ptr, lse_ptr, stride_os, out_offset, lse_offset, q_start + ROWS, seq_q,
-                              kv_end, num_tiles, qk_scale, q_scale_ptr, k_scale_ptr, q_scale_offset,
-                              k_scale_offset, ROWS, BLOCK_N, HEAD_DIM, STAGES, RETURN_LSE, QK_INT8)),
-        (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                           v_empty, q_row, q_col, k_row, k_col, v_row, v_col, num_tiles, BLOCK_N, STAGES)),
-    ], [4, 1], [240, 24])
+    if PERSISTENT:
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_empty, count=2)
+        m_tiles = gl.cdiv(seq_q, BLOCK_M)
+        gl.warp_specialize([
+            (_compute_partition_persistent, (q_smem.slice(0, ROWS), k_smem, v_smem, q_bar, q_empty, k_ready, k_empty,
+                                             v_ready, v_empty, out_ptr, lse_ptr, stride_ob, stride_oh, stride_os,
+                                             total_tiles, m_tiles, heads, seq_q, kv_end, num_tiles, qk_scale,
+                                             q_scale_ptr, k_scale_ptr, q_scale_rows, k_scale_rows, 0, BLOCK_M, ROWS,
+                                             BLOCK_N, HEAD_DIM, STAGES, RETURN_LSE, QK_INT8)),
+            (_compute_partition_persistent, (q_smem.slice(ROWS, ROWS), k_smem, v_smem, q_bar, q_empty, k_ready,
+                                             k_empty, v_ready, v_empty, out_ptr, lse_ptr, stride_ob, stride_oh,
+                                             stride_os, total_tiles, m_tiles, heads, seq_q, kv_end, num_tiles,
+                                             qk_scale, q_scale_ptr, k_scale_ptr, q_scale_rows, k_scale_rows, ROWS,
+                                             BLOCK_M, ROWS, BLOCK_N, HEAD_DIM, STAGES, RETURN_LSE, QK_INT8)),
+            (_load_partition_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
+                                          k_empty, v_ready, v_empty, total_tiles, m_tiles, heads, q_rows_b, q_rows_h,
+                                          q_col_h, k_rows_b, k_rows_h, k_col_h, v_rows_b, v_rows_h, v_col_h,
+                                          num_tiles, BLOCK_M, BLOCK_N, STAGES)),
+        ], [4, 1], [240, 24])
+    else:
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // heads
+        h = bh % heads
+        q_start = pid_m * BLOCK_M
+        out_offset = b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+        lse_offset = bh.to(gl.int64) * seq_q
+        q_row = b * q_rows_b + h * q_rows_h + q_start
+        q_col = h * q_col_h
+        k_row = b * k_rows_b + h * k_rows_h
+        k_col = h * k_col_h
+        v_row = b * v_rows_b + h * v_rows_h
+        v_col = h * v_col_h
+        q_scale_offset = bh * q_scale_rows  # QK_INT8: scales are [B*H, S_pad/64]
+        k_scale_offset = bh * k_scale_rows
+        gl.warp_specialize([
+            (_compute_partition, (q_smem.slice(0, ROWS), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                                  out_ptr, lse_ptr, stride_os, out_offset, lse_offset, q_start, seq_q, kv_end,
+                                  num_tiles, qk_scale, q_scale_ptr, k_scale_ptr, q_scale_offset, k_scale_offset,
+                                  ROWS, BLOCK_N, HEAD_DIM, STAGES, RETURN_LSE, QK_INT8)),
+            (_compute_partition, (q_smem.slice(ROWS, ROWS), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+                                  v_empty, out_ptr, lse_ptr, stride_os, out_offset, lse_offset, q_start + ROWS, seq_q,
+                                  kv_end, num_tiles, qk_scale, q_scale_ptr, k_scale_ptr, q_scale_offset,
+                                  k_scale_offset, ROWS, BLOCK_N, HEAD_DIM, STAGES, RETURN_LSE, QK_INT8)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+                               v_empty, q_row, q_col, k_row, k_col, v_row, v_col, num_tiles, BLOCK_N, STAGES)),
+        ], [4, 1], [240, 24])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,9 +398,24 @@ def hopper_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len) -
     return torch.cuda.get_device_capability(q.device) == (9, 0)
 
 
+def launch_grid(seq_q: int, batch_heads: int, device: torch.device, persistent: bool) -> tuple[int, int]:
+    """(query tiles, batch x heads), or for a persistent launch (CTAs, 1): at most one CTA per SM."""
+    m_tiles = triton.cdiv(seq_q, BLOCK_M)
+    if not persistent:
+        return m_tiles, batch_heads
+    return min(m_tiles * batch_heads, _sm_count(device.index or 0)), 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def hopper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, kv_len: int | None,
-                     return_lse: bool, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch on validated inputs (see ``hopper_supports``); returns ``(out, lse)``, lse empty unless asked."""
+                     return_lse: bool, out: torch.Tensor | None = None,
+                     persistent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch on validated inputs (see ``hopper_supports``); returns ``(out, lse)``, lse empty unless asked.
+    ``persistent``: one CTA per SM walks the query tiles (an experiment bench/attention_bench.py times)."""
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
     kv_end = seq_kv if kv_len is None else min(int(kv_len), seq_kv)
@@ -318,7 +433,7 @@ def hopper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq_q if return_lse else 0), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(seq_q, BLOCK_M), batch * heads)
+    grid = launch_grid(seq_q, batch * heads, q.device, persistent)
     _attn_fwd_hopper[grid](
         _descriptor(q, q_view, BLOCK_M), _descriptor(k, k_view, BLOCK_N), _descriptor(v, v_view, BLOCK_N),
         out, lse, out.stride(0), out.stride(1), out.stride(2), heads, seq_q, seq_kv, kv_end,
@@ -327,13 +442,14 @@ def hopper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_
         k_view.rows_per_batch, k_view.rows_per_head, k_view.cols_per_head,
         v_view.rows_per_batch, v_view.rows_per_head, v_view.cols_per_head,
         lse, lse, 0, 0,  # no int8 scales
-        HEAD_DIM=head_dim, STAGES=STAGES, RETURN_LSE=return_lse, QK_INT8=False, num_warps=4)
+        triton.cdiv(seq_q, BLOCK_M) * batch * heads,
+        HEAD_DIM=head_dim, STAGES=STAGES, RETURN_LSE=return_lse, QK_INT8=False, PERSISTENT=persistent, num_warps=4)
     if target is not None and target is not out:
         out = target.copy_(out)
     return out, lse
 
 
-def compile_for_sm90(head_dim: int, *, qk_int8: bool = False, stages: int = STAGES) -> dict:
+def compile_for_sm90(head_dim: int, *, qk_int8: bool = False, stages: int = STAGES, persistent: bool = False) -> dict:
     """Ahead-of-time compile for sm_90 on any machine (no GPU needed): used by the CPU tests and the bench."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -346,15 +462,17 @@ def compile_for_sm90(head_dim: int, *, qk_int8: bool = False, stages: int = STAG
     names = ["q_desc", "k_desc", "v_desc", "out_ptr", "lse_ptr", "stride_ob", "stride_oh", "stride_os", "heads",
              "seq_q", "seq_kv", "kv_end", "qk_scale", "q_rows_b", "q_rows_h", "q_col_h", "k_rows_b",
              "k_rows_h", "k_col_h", "v_rows_b", "v_rows_h", "v_col_h", "q_scale_ptr", "k_scale_ptr",
-             "q_scale_rows", "k_scale_rows", "HEAD_DIM", "STAGES", "RETURN_LSE", "QK_INT8"]
+             "q_scale_rows", "k_scale_rows", "total_tiles", "HEAD_DIM", "STAGES", "RETURN_LSE", "QK_INT8",
+             "PERSISTENT"]
     types = [mangle_type(q_desc), mangle_type(k_desc), mangle_type(v_desc), "*bf16", "*fp32"] + ["i32"] * 7 + \
-        ["fp32"] + ["i32"] * 9 + ["*fp32", "*fp32", "i32", "i32"] + ["constexpr"] * 4
+        ["fp32"] + ["i32"] * 9 + ["*fp32", "*fp32", "i32", "i32", "i32"] + ["constexpr"] * 5
     signature = dict(zip(names, types))
     # As the runtime specialises them: 16-byte-aligned pointers, strides divisible by 16.
     aligned = {(names.index(n),): [["tt.divisibility", 16]]
                for n in ("out_ptr", "lse_ptr", "stride_os", "q_scale_ptr", "k_scale_ptr")}
     src = GluonASTSource(fn=_attn_fwd_hopper, signature=signature, attrs=aligned,
-                         constexprs={"HEAD_DIM": head_dim, "STAGES": stages, "RETURN_LSE": True, "QK_INT8": qk_int8})
+                         constexprs={"HEAD_DIM": head_dim, "STAGES": stages, "RETURN_LSE": True, "QK_INT8": qk_int8,
+                                     "PERSISTENT": persistent})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = kernel.asm["ptx"]
     return {"ptx": ptx, "shared_bytes": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
