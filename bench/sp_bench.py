@@ -14,8 +14,9 @@ Modes: ``ours`` (1 GPU: our processors + backend, no parallelism), ``ulysses``, 
 (ulysses 2 x ring N/2, N >= 4), ``diffusers`` (1 GPU: eager diffusers; N GPUs: its Ulysses), and
 ``ours+compile`` / ``ulysses+compile`` (regional compile of the repeated blocks as ``compile_transformer``
 does it in the pool; the compile is timed apart, as ``compile_s``), ``ulysses+compile+overlap`` (the same with
-inductor's compute/communication reordering), ``ours+compile+graphs`` / ``ulysses+compile+graphs`` (compiled
-blocks replayed as CUDA graphs without cudagraph trees; not yet run on a GPU), ``diffusers+compile`` (diffusers' own Ulysses, regionally compiled the
+inductor's compute/communication reordering), ``+graph`` on ours / ulysses / their ``+compile`` (the whole
+forward captured as one CUDA graph and replayed: no host work per block; not yet run on a GPU),
+``diffusers+compile`` (diffusers' own Ulysses, regionally compiled the
 same way: the like-for-like baseline of the compiled modes). diffusers runs last in each pool because
 enable_parallelism cannot be undone.
 """
@@ -47,6 +48,9 @@ MODELS: dict[str, dict[str, Any]] = {
     "flux": dict(kind="flux", h=1024, w=1024),
     "flux2k": dict(kind="flux", h=2048, w=2048),
     "tiny-flux": dict(kind="flux", h=96, w=80, tiny=True),  # CPU smoke test of the script
+    # Flux.1-dev's 19 + 38 blocks at tiny widths: per-forward time is then almost all host work (launches, hooks,
+    # guards), measurable on a CPU
+    "flux-depth": dict(kind="flux", h=128, w=128, tiny=True, layers=(19, 38)),
     "tiny-wan": dict(kind="wan", h=64, w=80, frames=9, tiny=True),
 }
 
@@ -62,7 +66,8 @@ def _build(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -> to
             if spec["kind"] == "flux":
                 cfg = dict(guidance_embeds=True)
                 if spec.get("tiny"):
-                    cfg.update(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                    layers, single = spec.get("layers", (1, 2))
+                    cfg.update(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=single, attention_head_dim=16,
                                num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
                                axes_dims_rope=(4, 6, 6))
                 model = FluxTransformer2DModel(**cfg)
@@ -117,22 +122,49 @@ class BenchWorker:
         self.inputs = _inputs(self.model, self.spec, ctx.device, self.dtype)
         self.outputs: dict[str, torch.Tensor] = {}
         self.diffusers_parallel = False  # enable_parallelism is one-way: applied once per pool
+        self._graph = None  # +graph modes: the captured forward
 
     def _sync(self) -> None:
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize()
         ps.barrier()
 
-    def _time(self, warmup: int, iters: int) -> tuple[list[float], torch.Tensor]:
+    def _captured_forward(self):
+        """+graph: the whole forward (every block, its all-to-alls and, with +compile, the compiled code)
+        captured once as one CUDA graph and replayed on the same input buffers: no host work per block at all.
+        Regional ``mode="reduce-overhead"`` cannot do this: the blocks share one compiled graph, and cudagraph
+        trees stop at the second block (sp_flux-h100x4-graphs-failed.jsonl)."""
+        if self.ctx.device.type != "cuda":
+            raise ValueError("+graph captures CUDA graphs: it needs --device cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for _ in range(2):  # warm-up on a side stream, as torch.cuda.graph requires
+                self.model(**self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        ps.barrier()
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            static_out = self.model(**self.inputs)[0]
+        self._graph = graph  # kept alive with its memory pool until the next mode
+
+        def replay():
+            graph.replay()
+            return static_out.clone()  # the graph's own buffer is rewritten by the next replay
+
+        return replay
+
+    def _time(self, warmup: int, iters: int, forward=None) -> tuple[list[float], torch.Tensor]:
+        forward = forward or (lambda: self.model(**self.inputs)[0])
         with torch.inference_mode():
             for _ in range(warmup):
-                out = self.model(**self.inputs)[0]
+                out = forward()
                 self.ctx.heartbeat()
             self._sync()
             times = []
             for _ in range(iters):
                 t = time.perf_counter()
-                out = self.model(**self.inputs)[0]
+                out = forward()
                 self._sync()
                 times.append(time.perf_counter() - t)
                 self.ctx.heartbeat()
@@ -201,24 +233,18 @@ class BenchWorker:
                 # +overlap: inductor moves each all-to-all as early and its wait as late as the graph allows, so
                 # q's transfer can run under the k/v projections (an experiment, not what the pool does yet)
                 torch._inductor.config.reorder_for_compute_comm_overlap = mode.endswith("+overlap")
-                # +graphs: each compiled block replays as a CUDA graph, one launch instead of its kernels', for
-                # forwards bound by the host (Flux 1024² on several GPUs). cudagraph trees fail here: every block
-                # shares one compiled graph, and each replay overwrites the output the next block reads
-                # (sp_flux-h100x4-graphs-failed.jsonl). Without trees each graph copies its inputs into static
-                # buffers before replaying, so block i+1 may overwrite block i's output.
-                graphs = mode.endswith("+graphs")
-                torch._inductor.config.triton.cudagraph_trees = not graphs
-                compile_repeated_blocks(self.model, mode="reduce-overhead" if graphs else None, dynamic=None,
-                                        fullgraph=False)
+                compile_repeated_blocks(self.model, dynamic=None, fullgraph=False)
                 started = time.perf_counter()
                 with torch.inference_mode():
                     self.model(**self.inputs)  # the compile, kept out of the timing
                 self._sync()
                 compile_s = time.perf_counter() - started
-            times, out = self._time(warmup, iters)
+            forward = self._captured_forward() if mode.endswith("+graph") else None
+            times, out = self._time(warmup, iters, forward)
             use_profile = profile == "host" or (profile and self.ctx.device.type == "cuda")
             kernel_ms = self._profile(profile == "host") if use_profile else None
         finally:
+            self._graph = None
             if compiled:
                 for module in self.model.modules():
                     module.__dict__.pop("forward", None)  # back to the class's eager forward
@@ -262,7 +288,8 @@ def _kernel_kind(name: str) -> str:
     return "other (elementwise, norms)"
 
 
-_VARIANTS = {"ours": ("", "+compile", "+compile+graphs"), "ulysses": ("", "+compile", "+compile+overlap", "+compile+graphs"),
+_VARIANTS = {"ours": ("", "+graph", "+compile", "+compile+graph"),
+             "ulysses": ("", "+graph", "+compile", "+compile+overlap", "+compile+graph"),
              "ring": ("",), "hybrid": ("",), "diffusers": ("", "+compile")}
 
 

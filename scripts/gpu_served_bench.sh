@@ -10,7 +10,7 @@
 #        stub-speed (Python and kernel launches inside the backend stub vs the interpreter; bench/stub_speed.py)
 #        sp (bench/sp_bench.py on 1, 2 and 4 GPUs as the machine has: our Ulysses eager / compiled vs diffusers,
 #            profiled with the host side; SP_MODEL="wan720 flux ..." (default wan720), SP_MODES (default as above;
-#            add ring hybrid),
+#            add ring hybrid, and ours+graph ulysses+graph (+compile+graph) for whole-forward CUDA graphs),
 #            SP_PROFILE="" to skip the profiled forward; writes sp-report.md)
 # REPEATS (requests per phase), CYCLES (server phases between in-process ones), WARMUP_S (unmeasured heating)
 # Each step is idempotent; /tmp/site and the weights survive between calls while the machine stays warm.
