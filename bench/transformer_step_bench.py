@@ -3,6 +3,7 @@ frames), random bf16 weights (timing does not depend on weight values), in one r
 
     eager diffusers (default SDPA)  |  our triton attention  |  our triton_fp8  |  ours + regional compile
     [| diffusers SDPA + regional compile, with --compile-baseline]
+    | SDPA / ours + fp8_linear (e4m3 GEMMs in the blocks) + regional compile  [unless --no-fp8-linear]
 
     python bench/transformer_step_bench.py [--models flux,wan480] [--out path.md] [--compile-baseline]
 """
@@ -26,6 +27,7 @@ from diffusers import FluxTransformer2DModel, WanTransformer3DModel  # noqa: E40
 
 from smart_diffusion_backend.attention.compile import compile_repeated_blocks, warm_up_compiled  # noqa: E402
 from smart_diffusion_backend.attention.processors import attention_for, install_attention  # noqa: E402
+from smart_diffusion_backend.quant import quantize_linears  # noqa: E402
 
 WAN14_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
                     out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
@@ -80,7 +82,7 @@ def attention_share(model, inputs: dict) -> float:
     return attention / total if total else 0.0
 
 
-def bench_model(name: str, build, make_inputs, runs: int, compile_baseline: bool) -> list[dict]:
+def bench_model(name: str, build, make_inputs, runs: int, compile_baseline: bool, fp8_linear: bool) -> list[dict]:
     torch.cuda.empty_cache()
     gc.collect()
     torch.set_default_dtype(torch.bfloat16)
@@ -123,6 +125,20 @@ def bench_model(name: str, build, make_inputs, runs: int, compile_baseline: bool
             compile_s = warm_up_compiled(lambda: model(**inputs), runs=1)
         record("diffusers SDPA + compile_repeated_blocks", time_forward(model, inputs, runs),
                compile_s=round(compile_s, 1))
+    if fp8_linear:  # last: the blocks' Linear layers are replaced in place (system param fp8_linear)
+        replaced = quantize_linears(model)
+        for backend in (("sdpa",) if compile_baseline else ()) + ("triton",):
+            if backend == "sdpa":
+                model.set_attn_processor(default_processors)
+            else:
+                install_attention(model, attention_for(backend))
+            torch._dynamo.reset()
+            with torch.inference_mode():
+                compile_s = warm_up_compiled(lambda: model(**inputs), runs=1)
+                out = model(**inputs)[0].float()
+            record(f"{backend} + fp8_linear + compile_repeated_blocks", time_forward(model, inputs, runs),
+                   compile_s=round(compile_s, 1), fp8_linears=replaced,
+                   rel_l2_vs_eager=round(((out - reference).norm() / reference.norm()).item(), 5))
     rows.append(dict(model=name, peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1)))
     del model, inputs, reference
     torch._dynamo.reset()
@@ -139,16 +155,18 @@ def main() -> None:
     parser.add_argument("--models", default="flux")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--compile-baseline", action="store_true")
+    parser.add_argument("--no-fp8-linear", action="store_true", help="skip the fp8_linear rows")
     parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args()
     rows = []
     for model_name in args.models.split(","):
         if model_name == "flux":
             rows += bench_model("Flux.1-dev 1024² (4096+512 tokens)", lambda: FluxTransformer2DModel(
-                guidance_embeds=True), flux_inputs, args.runs, args.compile_baseline)
+                guidance_embeds=True), flux_inputs, args.runs, args.compile_baseline, not args.no_fp8_linear)
         elif model_name == "wan480":
             rows += bench_model("Wan2.1-14B 480×832×81f (32760 tokens)", lambda: WanTransformer3DModel(
-                **WAN14_CONFIG), wan_inputs, max(2, args.runs // 2), args.compile_baseline)
+                **WAN14_CONFIG), wan_inputs, max(2, args.runs // 2), args.compile_baseline,
+                not args.no_fp8_linear)
         else:
             raise SystemExit(f"unknown model {model_name!r}; use flux, wan480")
     lines = ["# One transformer forward", "",

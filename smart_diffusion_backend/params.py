@@ -160,6 +160,8 @@ class SystemParams:
     max_steps: int = 100  # a ceiling below the model's own limit, for latency budgets
     torch_threads: int = 0  # 0 = torch's default
     compile_transformer: bool = False
+    # FP8 (e4m3, rowwise scales) GEMMs for the transformer blocks' projections and MLPs (quant/fp8_linear.py)
+    fp8_linear: bool = False
     vae_tiling: bool = False
     # Requests waiting per entry model (FIFO) before new ones are refused with UNAVAILABLE; 0 = unbounded.
     max_queue_size: int = 0
@@ -204,6 +206,10 @@ class SystemParams:
             (self.max_pixels_per_request > 0, "max_pixels_per_request must be > 0"),
             (self.max_steps > 0, "max_steps must be > 0"),
             (self.max_queue_size >= 0, "max_queue_size must be >= 0 (0: unbounded)"),
+            (
+                not (self.fp8_linear and self.device == "cuda" and self.dtype != "bfloat16"),
+                f"fp8_linear on cuda needs dtype bfloat16 (rowwise-scaled FP8 GEMMs write bf16), got {self.dtype!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -120,3 +120,18 @@ def test_a_served_compiled_denoiser_draws_the_eager_image_and_logs_its_compile(t
     eager = load_stage("decoder", tiny_flux, cpu_system).decode(flux_eager.denoise(flux_embeddings, params))
     assert served.shape == eager.shape
     assert np.abs(served.astype(np.int16) - eager.astype(np.int16)).max() <= 1
+
+
+def test_fp8_linear_denoiser_stays_near_the_float_one_eager_and_compiled(tiny_flux, cpu_system, flux_embeddings,
+                                                                         flux_eager):
+    from smart_diffusion_backend.quant import Fp8Linear
+
+    params = user_params(tiny_flux, cpu_system, steps=4)
+    reference = flux_eager.denoise(flux_embeddings, params)
+    fp8 = load_stage("denoiser", tiny_flux, dataclasses.replace(cpu_system, fp8_linear=True))
+    assert any(isinstance(m, Fp8Linear) for m in fp8.transformer.modules())
+    out = fp8.denoise(flux_embeddings, params)
+    assert 1e-4 < rel_l2(out, reference) <= 0.1  # quantised, and close
+    compiled = load_stage("denoiser", tiny_flux,
+                          dataclasses.replace(cpu_system, fp8_linear=True, compile_transformer=True))
+    assert rel_l2(compiled.denoise(flux_embeddings, params), out) <= 1e-3  # the e4m3 GEMMs compile too

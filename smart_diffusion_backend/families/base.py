@@ -105,9 +105,11 @@ class DenoiserStage(Stage):
         return [self.transformer]
 
     def prepare_transformers(self) -> None:
-        """Apply the system's `attention_backend` and, when asked, regional compile; families call this at
-        the end of loading. "sdpa" keeps diffusers' own processors (the reference path). A pool worker
+        """Apply the system's `attention_backend`, `fp8_linear` and, when asked, regional compile; families call
+        this at the end of loading. "sdpa" keeps diffusers' own processors (the reference path). A pool worker
         then replaces the processors with sequence-parallel ones that call the same backend."""
+        if self.system.fp8_linear:
+            self.quantize_linears()
         if self.system.attention_backend != "sdpa":
             from ..attention.processors import attention_for, install_attention
 
@@ -116,6 +118,16 @@ class DenoiserStage(Stage):
                 install_attention(transformer, attention)
         if self.system.compile_transformer:
             self.compile_transformers()
+
+    def quantize_linears(self) -> None:
+        """fp8_linear: the blocks' token-wise Linear layers become e4m3 GEMMs (quant/fp8_linear.py)."""
+        from ..quant import quantize_linears
+
+        if self.system.device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+            raise RuntimeError(f"fp8_linear needs FP8 tensor cores (compute capability 8.9+, e.g. H100 or L40S); "
+                               f"this GPU is {torch.cuda.get_device_name()}")
+        replaced = sum(quantize_linears(t) for t in self.transformers())
+        logger.info("%s: fp8_linear: %d Linear layers run as e4m3 GEMMs", self.model.name, replaced)
 
     def compile_transformers(self, fullgraph: bool = True) -> None:
         """Regional compile of the repeated blocks, then a timed warm-up so no request pays the compile.

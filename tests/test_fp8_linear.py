@@ -1,0 +1,96 @@
+"""FP8 (e4m3, rowwise-scaled) GEMMs for the transformer blocks: the system param ``fp8_linear`` (CPU).
+
+torch's ``_scaled_mm`` runs on CPU too, so the layer, the replacement rules and the denoiser path are tested
+here; the speed is a GPU matter (bench/transformer_step_bench.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+from torch import nn
+
+from smart_diffusion_backend.params import ConfigError, SystemParams
+from smart_diffusion_backend.quant import FP8_MAX, Fp8Linear, quantize_linears
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def e4m3_rows(x: torch.Tensor) -> torch.Tensor:
+    """What the layer's rowwise quantisation keeps of x, in float64 (an independent emulation)."""
+    scale = x.double().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    return (x.double() / scale).to(torch.float8_e4m3fn).double() * scale
+
+
+def test_gemm_equals_its_emulation_and_stays_within_e4m3_error():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96)
+    x = torch.randn(4, 33, 256)
+    out = Fp8Linear(linear)(x)
+    emulated = e4m3_rows(x) @ e4m3_rows(linear.weight).T + linear.bias.double()
+    assert out.shape == (4, 33, 96)
+    assert rel_l2(out, emulated) <= 1e-5  # the scales and layout are applied exactly as intended
+    exact = x.double() @ linear.weight.double().T + linear.bias.double()
+    assert 1e-2 < rel_l2(out, exact) <= 6e-2  # e4m3's 3 mantissa bits: really quantised, within budget
+
+
+def test_zero_rows_stay_finite_and_bf16_in_gives_bf16_out():
+    linear = nn.Linear(64, 32).to(torch.bfloat16)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    x[0, 1] = 0
+    out = Fp8Linear(linear)(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert torch.equal(out[0, 1], linear.bias)  # a zero row gives exactly the bias
+
+
+def tiny_flux() -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                  pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def test_only_the_blocks_token_wise_linears_are_replaced():
+    model = tiny_flux()
+    replaced = quantize_linears(model)
+    fp8 = {name for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    assert replaced == len(fp8) == 22
+    assert "transformer_blocks.0.attn.to_q" in fp8 and "transformer_blocks.0.ff.net.2" in fp8
+    assert "single_transformer_blocks.1.proj_out" in fp8
+    # adaptive-norm modulation (one row per sample), embedders and the output projection stay as they are
+    for name in ("transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.norm.linear", "x_embedder",
+                 "context_embedder", "proj_out", "norm_out.linear"):
+        assert type(model.get_submodule(name)) is nn.Linear, name
+
+
+def test_quantised_flux_and_wan_forwards_stay_close_to_float():
+    torch.manual_seed(1)
+    flux = tiny_flux()
+    inputs = dict(hidden_states=torch.randn(1, 24, 64), encoder_hidden_states=torch.randn(1, 7, 32),
+                  pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(24, 3), txt_ids=torch.zeros(7, 3), return_dict=False)
+    wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16,
+                                out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+                                cross_attn_norm=True, qk_norm="rms_norm_across_heads").eval()
+    wan_inputs = dict(hidden_states=torch.randn(1, 16, 3, 8, 8), timestep=torch.tensor([500]),
+                      encoder_hidden_states=torch.randn(1, 7, 32), return_dict=False)
+    for model, kwargs in ((flux, inputs), (wan, wan_inputs)):
+        with torch.inference_mode():
+            reference = model(**kwargs)[0]
+            assert quantize_linears(model) > 0
+            out = model(**kwargs)[0]
+        assert 1e-3 < rel_l2(out, reference) <= 0.1, type(model).__name__
+
+
+def test_a_model_without_repeated_blocks_is_refused():
+    with pytest.raises(ValueError, match="no repeated blocks"):
+        quantize_linears(nn.Sequential(nn.Linear(16, 16)))
+
+
+def test_fp8_linear_on_cuda_needs_bfloat16():
+    SystemParams(name="ok", device="cuda", dtype="bfloat16", fp8_linear=True).validate()
+    with pytest.raises(ConfigError, match="fp8_linear on cuda needs dtype bfloat16"):
+        SystemParams(name="bad", device="cuda", dtype="float16", fp8_linear=True).validate()
