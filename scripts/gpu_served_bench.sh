@@ -2,7 +2,9 @@
 # Served benchmarks on an offline GPU machine, from the bundle scripts/gpu_carry.sh packs (carry .gpu-carry).
 #   bash scripts/gpu_served_bench.sh STEP...     results go to $OUT (or build/gpu-results)
 # steps: setup (unpack into /tmp/site) · kernels (bench/attention_bench.py: checks, then ours vs cuDNN/flash)
-#        step (bench/transformer_step_bench.py, one-GPU forward; STEP_MODELS, default "flux,wan480") · weights (random-weight FLUX.1-dev, bench/random_weights.py)
+#        step (bench/transformer_step_bench.py, one-GPU forward; STEP_MODELS, default "flux,wan480")
+#        int8 (bench/hopper_int8_attention.py: int8 Q.K^T in the Hopper kernel vs float32, cuDNN, bf16)
+#        graphs (sp_bench, Flux 1024² with the whole forward as one CUDA graph, 1 GPU and all of them) · weights (random-weight FLUX.1-dev, bench/random_weights.py)
 #        overhead-1 / overhead-2 (served vs in-process, FLUX.1-dev 1024², 28 steps, 1 and 2 GPUs)
 #        overhead-1c / overhead-2c (the same with compile_transformer: true, compiled at load)
 #        throughput-gpu (requests/s vs concurrency, FLUX.1-dev, 1 GPU) · throughput-cpu (tiny-flux, cpu-1thread)
@@ -51,6 +53,14 @@ for step in "$@"; do
     kernels)  # the persistent Hopper kernel joins only if a short smoke run of it neither hangs nor differs
       timeout -k 5 120 python3 bench/attention_bench.py --smoke-persistent && extra="" || extra="--skip-persistent"
       python3 bench/attention_bench.py $extra --out "$out/attention-h100.md" ;;
+    int8)
+      python3 bench/hopper_int8_attention.py --out "$out/int8-attention-h100.md" ;;
+    graphs)
+      gpus=$(nvidia-smi -L | wc -l)
+      python3 bench/sp_bench.py --model flux --gpus 1 "$gpus" --iters 5 --warmup 2 --modes ours ours+graph \
+        ours+compile ours+compile+graph ulysses ulysses+graph ulysses+compile ulysses+compile+graph \
+        --out "$out/sp_flux_graphs.jsonl"
+      python3 bench/sp_report.py "$out"/sp_flux_graphs.jsonl --out "$out/sp-graphs-report.md" ;;
     step)
       python3 bench/transformer_step_bench.py --models ${STEP_MODELS:-flux,wan480} --runs ${REPEATS:-3} --compile-baseline \
         --out "$out/transformer-step.md" ;;
