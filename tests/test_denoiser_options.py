@@ -135,3 +135,19 @@ def test_fp8_linear_denoiser_stays_near_the_float_one_eager_and_compiled(tiny_fl
     compiled = load_stage("denoiser", tiny_flux,
                           dataclasses.replace(cpu_system, fp8_linear=True, compile_transformer=True))
     assert rel_l2(compiled.denoise(flux_embeddings, params), out) <= 1e-3  # the e4m3 GEMMs compile too
+
+
+def test_fp8_linear_pool_equals_the_fp8_one_rank_denoiser(tiny_flux, cpu_system, flux_embeddings):
+    """Each rank of a Ulysses-2 pool quantises the same weights the same way: the pooled fp8 denoiser equals
+    the one-rank fp8 denoiser (the GEMMs are row-local, so sharding the sequence changes nothing)."""
+    from smart_diffusion_backend.parallel.denoise_worker import PooledDenoiser
+
+    params = user_params(tiny_flux, cpu_system, steps=4)
+    one_rank = load_stage("denoiser", tiny_flux, dataclasses.replace(cpu_system, fp8_linear=True))
+    system = dataclasses.replace(SystemParams.load("cpu-sp2"), fp8_linear=True)
+    pool = PooledDenoiser(tiny_flux, system)
+    try:
+        latents, _ = pool.denoise(flux_embeddings, params, None)
+    finally:
+        pool.close()
+    assert rel_l2(latents, one_rank.denoise(flux_embeddings, params)) <= 1e-5

@@ -37,6 +37,16 @@ def test_gemm_equals_its_emulation_and_stays_within_e4m3_error():
     assert 1e-2 < rel_l2(out, exact) <= 6e-2  # e4m3's 3 mantissa bits: really quantised, within budget
 
 
+def test_strided_and_empty_inputs():
+    # the sequence-parallel path hands the blocks slices and transposes, and a rank may hold no token of a
+    # stream: _scaled_mm wants row-major rows and unit-stride scales, and nothing to do for no rows
+    torch.manual_seed(0)
+    layer = Fp8Linear(nn.Linear(64, 32))
+    x = torch.randn(2, 64, 9).transpose(1, 2)  # [2, 9, 64], not contiguous
+    assert torch.equal(layer(x), layer(x.contiguous()))
+    assert layer(torch.randn(1, 0, 64)).shape == (1, 0, 32)
+
+
 def test_zero_rows_stay_finite_and_bf16_in_gives_bf16_out():
     linear = nn.Linear(64, 32).to(torch.bfloat16)
     x = torch.randn(2, 5, 64, dtype=torch.bfloat16)

@@ -32,8 +32,10 @@ _MIN_SCALE = 1e-12  # an all-zero row keeps a finite scale
 
 
 def _rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 rows of x and their float32 scales (one per row, shape [rows, 1])."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(_MIN_SCALE) / FP8_MAX
+    """e4m3 rows of a 2-D x (row-major, as _scaled_mm's first operand must be) and their float32 scales,
+    shape [rows, 1] with unit strides (_scaled_mm checks them)."""
+    x = x.contiguous()
+    scale = (x.abs().amax(dim=-1).float().clamp_min(_MIN_SCALE) / FP8_MAX).unsqueeze(1)
     quantised = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return quantised, scale
 
@@ -56,6 +58,8 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] == 0:  # a sequence-parallel rank may hold no token of a stream (e.g. the text)
+            return x.new_empty(*x.shape[:-1], self.out_features)
         quantised, scale = _rowwise(rows)
         out = torch._scaled_mm(quantised, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
                                out_dtype=x.dtype)
