@@ -33,29 +33,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from smart_diffusion_backend.kernels.flash_attention import _QUANT_BLOCK, quantize_qk  # noqa: E402
 from smart_diffusion_backend.kernels.hopper_attention import (  # noqa: E402
     BLOCK_M,
-    BLOCK_N,
-    _attn_fwd_hopper,
-    _descriptor,
     compile_for_sm90,
-    launch_grid,
-    row_view,
+    launch,
+    readable,
 )
 
 
-def _launch(q8, q_scale, k8, k_scale, v, out, lse, seq_q: int, kv_end: int, stages: int, return_lse: bool,
+def _launch(q8, q_scale, k8, k_scale, v, out, lse, kv_end: int, stages: int, return_lse: bool,
             persistent: bool = False) -> None:
     batch, heads = out.shape[:2]
-    head_dim = out.shape[-1]
     q8v, k8v = (t.view(batch, heads, t.shape[1], t.shape[2]) for t in (q8, k8))  # [B*H, S_pad, D] as heads outer
-    q_view, k_view, v_view = row_view(q8v), row_view(k8v), row_view(v)
-    _attn_fwd_hopper[launch_grid(seq_q, batch * heads, out.device, persistent)](
-        _descriptor(q8v, q_view, BLOCK_M), _descriptor(k8v, k_view, BLOCK_N), _descriptor(v, v_view, BLOCK_N),
-        out, lse, out.stride(0), out.stride(1), out.stride(2), heads, seq_q, k8.shape[1], kv_end, 1.0,
-        q_view.rows_per_batch, q_view.rows_per_head, 0, k_view.rows_per_batch, k_view.rows_per_head, 0,
-        v_view.rows_per_batch, v_view.rows_per_head, v_view.cols_per_head,
-        q_scale, k_scale, q8.shape[1] // _QUANT_BLOCK, k8.shape[1] // _QUANT_BLOCK,
-        triton.cdiv(seq_q, BLOCK_M) * batch * heads,
-        HEAD_DIM=head_dim, STAGES=stages, RETURN_LSE=return_lse, QK_INT8=True, PERSISTENT=persistent, num_warps=4)
+    launch([readable(q8v), readable(k8v), readable(v)], out, lse, kv_end=kv_end, qk_scale=1.0,
+           return_lse=return_lse, persistent=persistent, stages=stages, qk_scales=(q_scale, k_scale))
 
 
 def hopper_int8_attention(q, k, v, *, kv_len: int | None = None, return_lse: bool = False, stages: int = 2,
@@ -70,12 +59,10 @@ def hopper_int8_attention(q, k, v, *, kv_len: int | None = None, return_lse: boo
     scale = 1.0 / math.sqrt(head_dim)
     kv_end = seq_kv if kv_len is None else min(int(kv_len), seq_kv)
     q8, q_scale, k8, k_scale, k_mean = quantize_qk(q, k, scale, kv_len, int8=True)
-    if row_view(v) is None:
-        v = v.contiguous()
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq_q if return_lse else 0), device=q.device, dtype=torch.float32)
-    _launch(q8, q_scale, k8, k_scale, v, out, lse, seq_q, kv_end, stages, return_lse)
+    _launch(q8, q_scale, k8, k_scale, v, out, lse, kv_end, stages, return_lse)
     if return_lse:  # the kernel's lse is of the smoothed scores: add q.mean(k) back
         lse = lse + torch.einsum("bhsd,bhd->bhs", q.float(), k_mean) * scale
     return (out, lse) if return_lse else out
@@ -142,7 +129,7 @@ def measure(stages: int) -> list[str]:
         no_lse = torch.empty((1, h, 0), device="cuda", dtype=torch.float32)
 
         def kernel_only():
-            _launch(q8, q_scale, k8, k_scale, v, out, no_lse, s, s, stages, False)
+            _launch(q8, q_scale, k8, k_scale, v, out, no_lse, s, stages, False)
 
         rep = 100 if s < 30000 else 400
         base = do_bench(cudnn, rep=rep)
@@ -150,7 +137,7 @@ def measure(stages: int) -> list[str]:
                          ("int8 (with quantisation)", lambda: hopper_int8_attention(q, k, v, stages=stages, out=out)),
                          ("int8 kernel alone", kernel_only),
                          ("int8 kernel alone, persistent",
-                          lambda: _launch(q8, q_scale, k8, k_scale, v, out, no_lse, s, s, stages, False, True)),
+                          lambda: _launch(q8, q_scale, k8, k_scale, v, out, no_lse, s, stages, False, True)),
                          ("quantisation alone", lambda: quantize_qk(q, k, 128 ** -0.5, None, int8=True))]:
             ms = base if name == "cudnn" else do_bench(fn, rep=rep)
             lines.append(f"| {s} | {h} | {name} | {ms:.3f} | {4 * h * s * s * 128 / ms / 1e9:.0f} | {base / ms:.3f} |")

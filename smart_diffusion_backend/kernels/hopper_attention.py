@@ -59,7 +59,6 @@ BLOCK_M = 128  # query rows per CTA: 64 per consumer partition
 BLOCK_N = 128  # keys per tile
 STAGES = 2  # K/V ring depth: 32 KiB Q + 2 x 64 KiB K/V per CTA at head_dim 128
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 @gluon.jit
@@ -287,7 +286,7 @@ def _init_ring_barriers(q_bar, k_ready, k_empty, v_ready, v_empty, STAGES: gl.co
 
 @gluon.jit
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, out_ptr, lse_ptr, stride_ob, stride_oh, stride_os, heads, seq_q,
-                     seq_kv, kv_end, qk_scale, q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h,
+                     kv_end, qk_scale, q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h,
                      v_rows_b, v_rows_h, v_col_h, q_scale_ptr, k_scale_ptr, q_scale_rows, k_scale_rows, total_tiles,
                      HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
                      QK_INT8: gl.constexpr, PERSISTENT: gl.constexpr):
@@ -387,6 +386,15 @@ def row_view(t: torch.Tensor) -> RowView | None:
     return None
 
 
+def readable(t: torch.Tensor) -> tuple[torch.Tensor, RowView]:
+    """``t`` with the view TMA reads it through: ``t`` itself, or a contiguous copy where its strides allow none."""
+    view = row_view(t)
+    if view is None:
+        t = t.contiguous()
+        view = row_view(t)
+    return t, view
+
+
 @functools.lru_cache(maxsize=None)
 def _shared_layout(block_rows: int, head_dim: int, dtype: torch.dtype):
     # Built once per tile shape: constructing it costs ~14 us of Python, three times per attention call.
@@ -416,14 +424,6 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-def launch_grid(seq_q: int, batch_heads: int, device: torch.device, persistent: bool) -> tuple[int, int]:
-    """(query tiles, batch x heads), or for a persistent launch (CTAs, 1): at most one CTA per SM."""
-    m_tiles = triton.cdiv(seq_q, BLOCK_M)
-    if not persistent:
-        return m_tiles, batch_heads
-    return min(m_tiles * batch_heads, _sm_count(device.index or 0)), 1
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -434,37 +434,47 @@ def hopper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_
                      persistent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch on validated inputs (see ``hopper_supports``); returns ``(out, lse)``, lse empty unless asked.
     ``persistent``: one CTA per SM walks the query tiles (an experiment bench/attention_bench.py times)."""
-    batch, heads, seq_q, head_dim = q.shape
+    batch, heads, seq_q, _ = q.shape
     seq_kv = k.shape[2]
     kv_end = seq_kv if kv_len is None else min(int(kv_len), seq_kv)
-    views = []
-    for t in (q, k, v):
-        view = row_view(t)
-        if view is None:
-            t = t.contiguous()
-            view = row_view(t)
-        views.append((t, view))
-    (q, q_view), (k, k_view), (v, v_view) = views
+    views = [readable(t) for t in (q, k, v)]
+    q = views[0][0]
     target = out
     if out is not None and (out.stride(-1) != 1 or out.data_ptr() % 16):
         out = None  # the kernel stores rows of head_dim contiguous elements
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq_q if return_lse else 0), device=q.device, dtype=torch.float32)
-    grid = launch_grid(seq_q, batch * heads, q.device, persistent)
-    _attn_fwd_hopper[grid](
-        _descriptor(q, q_view, BLOCK_M), _descriptor(k, k_view, BLOCK_N), _descriptor(v, v_view, BLOCK_N),
-        out, lse, out.stride(0), out.stride(1), out.stride(2), heads, seq_q, seq_kv, kv_end,
-        softmax_scale * _LOG2E,
-        q_view.rows_per_batch, q_view.rows_per_head, q_view.cols_per_head,
-        k_view.rows_per_batch, k_view.rows_per_head, k_view.cols_per_head,
-        v_view.rows_per_batch, v_view.rows_per_head, v_view.cols_per_head,
-        lse, lse, 0, 0,  # no int8 scales
-        triton.cdiv(seq_q, BLOCK_M) * batch * heads,
-        HEAD_DIM=head_dim, STAGES=STAGES, RETURN_LSE=return_lse, QK_INT8=False, PERSISTENT=persistent, num_warps=4)
+    launch(views, out, lse, kv_end=kv_end, qk_scale=softmax_scale * _LOG2E, return_lse=return_lse,
+           persistent=persistent)
     if target is not None and target is not out:
         out = target.copy_(out)
     return out, lse
+
+
+def launch(views: list[tuple[torch.Tensor, RowView]], out: torch.Tensor, lse: torch.Tensor, *, kv_end: int,
+           qk_scale: float, return_lse: bool, persistent: bool = False, stages: int = STAGES,
+           qk_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """One launch of ``_attn_fwd_hopper`` over ``[(q, its RowView), (k, ...), (v, ...)]``; writes ``out`` (rows of
+    head_dim contiguous elements) and, with ``return_lse``, ``lse`` ([B, H, seq_q] float32), seq_q being out's.
+    ``qk_scales`` (q_scale, k_scale), ``[B*H, S_pad/64]`` each, switch Q.K^T to int8: q and k are then
+    ``quantize_qk``'s int8 buffers seen as ``[B, H, S_pad, D]``. ``persistent``: at most one CTA per SM."""
+    (q, q_view), (k, k_view), (v, v_view) = views
+    batch, heads, seq_q, head_dim = out.shape
+    m_tiles = triton.cdiv(seq_q, BLOCK_M)
+    grid = (min(m_tiles * batch * heads, _sm_count(out.device.index or 0)), 1) if persistent else (m_tiles,
+                                                                                                   batch * heads)
+    q_scale, k_scale = qk_scales if qk_scales is not None else (lse, lse)  # unread without QK_INT8
+    _attn_fwd_hopper[grid](
+        _descriptor(q, q_view, BLOCK_M), _descriptor(k, k_view, BLOCK_N), _descriptor(v, v_view, BLOCK_N),
+        out, lse, out.stride(0), out.stride(1), out.stride(2), heads, seq_q, kv_end, qk_scale,
+        q_view.rows_per_batch, q_view.rows_per_head, q_view.cols_per_head,
+        k_view.rows_per_batch, k_view.rows_per_head, k_view.cols_per_head,
+        v_view.rows_per_batch, v_view.rows_per_head, v_view.cols_per_head,
+        q_scale, k_scale, q_scale.shape[-1] if qk_scales else 0, k_scale.shape[-1] if qk_scales else 0,
+        m_tiles * batch * heads,
+        HEAD_DIM=head_dim, STAGES=stages, RETURN_LSE=return_lse, QK_INT8=qk_scales is not None,
+        PERSISTENT=persistent, num_warps=4)
 
 
 def compile_for_sm90(head_dim: int, *, qk_int8: bool = False, stages: int = STAGES, persistent: bool = False) -> dict:
@@ -478,11 +488,11 @@ def compile_for_sm90(head_dim: int, *, qk_int8: bool = False, stages: int = STAG
     q_desc, k_desc = _descriptor(qk, row_view(qk), BLOCK_M), _descriptor(qk, row_view(qk), BLOCK_N)
     v_desc = _descriptor(t, row_view(t), BLOCK_N)
     names = ["q_desc", "k_desc", "v_desc", "out_ptr", "lse_ptr", "stride_ob", "stride_oh", "stride_os", "heads",
-             "seq_q", "seq_kv", "kv_end", "qk_scale", "q_rows_b", "q_rows_h", "q_col_h", "k_rows_b",
+             "seq_q", "kv_end", "qk_scale", "q_rows_b", "q_rows_h", "q_col_h", "k_rows_b",
              "k_rows_h", "k_col_h", "v_rows_b", "v_rows_h", "v_col_h", "q_scale_ptr", "k_scale_ptr",
              "q_scale_rows", "k_scale_rows", "total_tiles", "HEAD_DIM", "STAGES", "RETURN_LSE", "QK_INT8",
              "PERSISTENT"]
-    types = [mangle_type(q_desc), mangle_type(k_desc), mangle_type(v_desc), "*bf16", "*fp32"] + ["i32"] * 7 + \
+    types = [mangle_type(q_desc), mangle_type(k_desc), mangle_type(v_desc), "*bf16", "*fp32"] + ["i32"] * 6 + \
         ["fp32"] + ["i32"] * 9 + ["*fp32", "*fp32", "i32", "i32", "i32"] + ["constexpr"] * 5
     signature = dict(zip(names, types))
     # As the runtime specialises them: 16-byte-aligned pointers, strides divisible by 16.
