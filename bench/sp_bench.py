@@ -122,7 +122,6 @@ class BenchWorker:
         self.inputs = _inputs(self.model, self.spec, ctx.device, self.dtype)
         self.outputs: dict[str, torch.Tensor] = {}
         self.diffusers_parallel = False  # enable_parallelism is one-way: applied once per pool
-        self._graph = None  # +graph modes: the captured forward
 
     def _sync(self) -> None:
         if self.ctx.device.type == "cuda":
@@ -146,9 +145,8 @@ class BenchWorker:
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph):
             static_out = self.model(**self.inputs)[0]
-        self._graph = graph  # kept alive with its memory pool until the next mode
 
-        def replay():
+        def replay():  # holds the graph (and its memory pool) for as long as the mode uses it
             graph.replay()
             return static_out.clone()  # the graph's own buffer is rewritten by the next replay
 
@@ -244,7 +242,6 @@ class BenchWorker:
             use_profile = profile == "host" or (profile and self.ctx.device.type == "cuda")
             kernel_ms = self._profile(profile == "host") if use_profile else None
         finally:
-            self._graph = None
             if compiled:
                 for module in self.model.modules():
                     module.__dict__.pop("forward", None)  # back to the class's eager forward

@@ -82,6 +82,10 @@ def attention_share(model, inputs: dict) -> float:
     return attention / total if total else 0.0
 
 
+def rel_l2(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((out - reference).norm() / reference.norm()).item()
+
+
 def bench_model(name: str, build, make_inputs, runs: int, compile_baseline: bool, fp8_linear: bool) -> list[dict]:
     torch.cuda.empty_cache()
     gc.collect()
@@ -109,7 +113,7 @@ def bench_model(name: str, build, make_inputs, runs: int, compile_baseline: bool
         install_attention(model, attention_for(backend))
         with torch.inference_mode():
             out = model(**inputs)[0].float()
-        err = ((out - reference).norm() / reference.norm()).item()
+        err = rel_l2(out, reference)
         record(f"{backend} eager", time_forward(model, inputs, runs), rel_l2_vs_eager=round(err, 5),
                attention_share=round(attention_share(model, inputs), 3))
 
@@ -138,7 +142,7 @@ def bench_model(name: str, build, make_inputs, runs: int, compile_baseline: bool
                 out = model(**inputs)[0].float()
             record(f"{backend} + fp8_linear + compile_repeated_blocks", time_forward(model, inputs, runs),
                    compile_s=round(compile_s, 1), fp8_linears=replaced,
-                   rel_l2_vs_eager=round(((out - reference).norm() / reference.norm()).item(), 5))
+                   rel_l2_vs_eager=round(rel_l2(out, reference), 5))
     rows.append(dict(model=name, peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1)))
     del model, inputs, reference
     torch._dynamo.reset()
