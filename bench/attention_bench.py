@@ -49,7 +49,7 @@ def rel_l2(out, ref):
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-def correctness_checks(with_persistent: bool) -> list[dict]:
+def correctness_checks() -> list[dict]:
     cases = [
         # (batch, heads, seq_q, seq_kv, head_dim, kv_len)
         (1, 24, 4608, 4608, 128, None),
@@ -92,8 +92,7 @@ def correctness_checks(with_persistent: bool) -> list[dict]:
                 if kv_len == "tensor":
                     kv_len = torch.tensor([seq_kv - 100, seq_kv - 7], device="cuda", dtype=torch.int32)
                 on_hopper = precision == "bf16" and hopper_supports(q, k, v, kv_len)
-                kernels = ["library"] + (["portable"] if on_hopper else []) + \
-                    (["hopper_persistent"] if on_hopper and with_persistent else [])
+                kernels = ["library"] + (["portable", "hopper_grid"] if on_hopper else [])
                 ref = reference(q, k, v, kv_len=kv_len)
                 lse_ref = None  # float32 log-sum-exp where the score matrix is small enough to build
                 if seq_q * seq_kv <= 4608 * 4608 and batch * heads <= 24 and not isinstance(kv_len, torch.Tensor):
@@ -106,15 +105,15 @@ def correctness_checks(with_persistent: bool) -> list[dict]:
                     out = torch.full_like(q, float("nan"))  # poisoned: any unwritten element fails the check
                     if kernel == "portable":
                         out, lse = _launch_bf16(q, k, v, head_dim ** -0.5, kv_len, True, out, allow_hopper=False)
-                    elif kernel == "hopper_persistent":
-                        out, lse = hopper_attention(q, k, v, head_dim ** -0.5, kv_len, True, out, persistent=True)
+                    elif kernel == "hopper_grid":
+                        out, lse = hopper_attention(q, k, v, head_dim ** -0.5, kv_len, True, out, persistent=False)
                     else:
                         out, lse = flash_attention(q, k, v, kv_len=kv_len, return_lse=True, precision=precision,
                                                    out=out)
                     torch.cuda.synchronize()
                     err = rel_l2(out, ref)
-                    path = kernel if kernel != "library" or precision != "bf16" else \
-                        ("hopper" if hopper_supports(q, k, v, kv_len) else "portable")
+                    path = kernel if kernel != "library" or precision == "fp8" else \
+                        library_path(q, k, v, kv_len, precision)
                     row = dict(dtype=str(dtype).split(".")[-1], precision=precision, kernel=path, layout=layout,
                                shape=[batch, heads, seq_q, seq_kv, head_dim],
                                kv_len=None if kv_len is None else str(kv_len if isinstance(kv_len, int)
@@ -130,21 +129,14 @@ def correctness_checks(with_persistent: bool) -> list[dict]:
     return rows
 
 
-def smoke_persistent() -> int:
-    """The persistent Hopper kernel against the default one on two shapes; 0 when they agree."""
-    failed = 0
-    for shape in [(1, 4, 1531, 128), (2, 24, 4608, 128)]:
-        q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        expected = flash_attention(q, k, v)
-        got, _ = hopper_attention(q, k, v, shape[-1] ** -0.5, None, False, persistent=True)
-        torch.cuda.synchronize()
-        err = rel_l2(got, expected.float())
-        print(json.dumps(dict(smoke_persistent=list(shape), rel_l2_vs_default=err)), flush=True)
-        failed += not err <= 1e-3
-    return int(failed > 0)
+def library_path(q, k, v, kv_len, precision: str) -> str:
+    """Which kernel ``flash_attention`` runs for this call: hopper, hopper_int8 or portable."""
+    if precision in ("bf16", "int8") and hopper_supports(q, k, v, kv_len):
+        return "hopper" if precision == "bf16" else "hopper_int8"
+    return "portable"
 
 
-def speed(sizes: list[int], precisions: list[str], with_persistent: bool) -> list[dict]:
+def speed(sizes: list[int], precisions: list[str]) -> list[dict]:
     rows = []
     for seq in sizes:
         heads, head_dim = HEADS_BY_SIZE.get(seq, 24), 128
@@ -162,17 +154,18 @@ def speed(sizes: list[int], precisions: list[str], with_persistent: bool) -> lis
         for precision in precisions:
             fn = lambda p=precision: flash_attention(q, k, v, precision=p)  # noqa: E731
             fn()  # autotune outside the timing
-            name = "ours_hopper" if precision == "bf16" and hopper_supports(q, k, v, None) else f"triton_{precision}"
+            name = {"hopper": "ours_hopper", "hopper_int8": "ours_hopper_int8"}.get(
+                library_path(q, k, v, None, precision), f"triton_{precision}")
             results[name] = do_bench(fn, warmup=50, rep=rep, return_mode="median")
             if precision == "bf16":
                 scale = head_dim ** -0.5
                 portable = lambda: _launch_bf16(q, k, v, scale, None, False, allow_hopper=False)  # noqa: E731
                 portable()
                 results["triton_portable"] = do_bench(portable, warmup=50, rep=rep, return_mode="median")
-                if with_persistent and hopper_supports(q, k, v, None):
-                    persistent = lambda: hopper_attention(q, k, v, scale, None, False, persistent=True)  # noqa: E731
-                    persistent()
-                    results["ours_hopper_persistent"] = do_bench(persistent, warmup=50, rep=rep, return_mode="median")
+                if hopper_supports(q, k, v, None):
+                    grid = lambda: hopper_attention(q, k, v, scale, None, False, persistent=False)  # noqa: E731
+                    grid()
+                    results["ours_hopper_grid"] = do_bench(grid, warmup=50, rep=rep, return_mode="median")
         # The layout diffusers' processors pass: [B, S, H, D] storage seen as [B, H, S, D], no copy.
         qi, ki, vi = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -205,9 +198,10 @@ def write_markdown(path: Path, checks: list[dict], timings: list[dict], command:
         "",
         "## Speed (B=1, head_dim 128, bf16, median of do_bench; TFLOP/s = 4·H·S²·D / t)",
         "",
-        "ours_hopper: the library's default path on H100 (Gluon, hopper_attention.py); ours_hopper_persistent: the",
-        "same kernel with one CTA per SM walking the query tiles (an experiment); triton_portable: the",
-        "Triton-lang kernel every other GPU runs; [B,S,H,D] view: the inputs stored [B,S,H,D], passed transposed.",
+        "ours_hopper: the library's default path on H100 (Gluon, hopper_attention.py; persistent: one CTA per SM",
+        "walking the query tiles); ours_hopper_grid: the same kernel with one CTA per query tile; ours_hopper_int8:",
+        "precision int8 on H100 (int8 Q·Kᵀ in the same kernel, quantisation included); triton_*: the Triton-lang",
+        "kernels every other GPU runs; [B,S,H,D] view: the inputs stored [B,S,H,D], passed transposed.",
         "",
         "| S | H | impl | ms | TFLOP/s | × cuDNN |",
         "|---|---|---|---|---|---|",
@@ -231,18 +225,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="4608,16384,32760,75600")
     parser.add_argument("--precisions", default="bf16,int8,fp8")
     parser.add_argument("--skip-check", action="store_true")
-    parser.add_argument("--skip-persistent", action="store_true", help="leave out the persistent Hopper kernel")
-    parser.add_argument("--smoke-persistent", action="store_true",
-                        help="only run the persistent Hopper kernel on two shapes against the default one (exit 1 if "
-                             "they differ); run it under `timeout` first: a pipeline mistake hangs the GPU")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("attention_bench needs a CUDA GPU")
-    if args.smoke_persistent:
-        raise SystemExit(smoke_persistent())
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    checks = [] if args.skip_check else correctness_checks(not args.skip_persistent)
-    timings = speed([int(s) for s in args.sizes.split(",")], args.precisions.split(","), not args.skip_persistent)
+    checks = [] if args.skip_check else correctness_checks()
+    timings = speed([int(s) for s in args.sizes.split(",")], args.precisions.split(","))
     write_markdown(args.out, checks, timings, command)
 
 

@@ -54,22 +54,25 @@ def wan_inputs(frames: int = 81, height: int = 480, width: int = 832) -> dict:
                 return_dict=False)
 
 
-def time_forward(model, inputs: dict, runs: int) -> float:
-    """Median ms of ``runs`` forwards after two warm-up forwards."""
+def time_forward(model, inputs: dict, runs: int) -> tuple[float, float]:
+    """Median ms of ``runs`` forwards after two warm-up forwards, and the median ms the host took to issue
+    one (until the call returned, before synchronising): issue time near the total means host-bound."""
     with torch.inference_mode():
         for _ in range(2):
             model(**inputs)
         torch.cuda.synchronize()
-        times = []
+        times, issue = [], []
         for _ in range(runs):
             start = time.perf_counter()
             model(**inputs)
+            issue.append((time.perf_counter() - start) * 1000)
             torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1000)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], sorted(issue)[len(issue) // 2]
 
 
-def attention_share(model, inputs: dict) -> float:
+def profile_forward(model, inputs: dict) -> dict:
+    """Summed GPU kernel time of one forward and attention's share of it."""
     with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         model(**inputs)
         torch.cuda.synchronize()
@@ -79,7 +82,7 @@ def attention_share(model, inputs: dict) -> float:
         total += device_time
         if any(s in event.key.lower() for s in ("flash", "fmha", "attn_fwd", "sdpa", "attention")):
             attention += device_time
-    return attention / total if total else 0.0
+    return dict(kernel_ms=round(total / 1000, 1), attention_share=round(attention / total, 3) if total else 0.0)
 
 
 def rel_l2(out: torch.Tensor, reference: torch.Tensor) -> float:
@@ -99,14 +102,15 @@ def bench_model(name: str, build, make_inputs, runs: int, compile_baseline: bool
     inputs = make_inputs()
     rows = []
 
-    def record(variant: str, ms: float, **extra) -> None:
-        rows.append(dict(model=name, variant=variant, ms=round(ms, 1), **extra))
+    def record(variant: str, **extra) -> None:
+        ms, issue_ms = time_forward(model, inputs, runs)
+        rows.append(dict(model=name, variant=variant, ms=round(ms, 1), issue_ms=round(issue_ms, 1),
+                         **profile_forward(model, inputs), **extra))
         print(json.dumps(rows[-1]), flush=True)
 
     with torch.inference_mode():
         reference = model(**inputs)[0].float()
-    record("diffusers eager (SDPA default)", time_forward(model, inputs, runs),
-           attention_share=round(attention_share(model, inputs), 3))
+    record("diffusers eager (SDPA default)")
     default_processors = model.attn_processors
 
     for backend in ("triton", "triton_fp8"):
@@ -114,37 +118,35 @@ def bench_model(name: str, build, make_inputs, runs: int, compile_baseline: bool
         with torch.inference_mode():
             out = model(**inputs)[0].float()
         err = rel_l2(out, reference)
-        record(f"{backend} eager", time_forward(model, inputs, runs), rel_l2_vs_eager=round(err, 5),
-               attention_share=round(attention_share(model, inputs), 3))
+        record(f"{backend} eager", rel_l2_vs_eager=round(err, 5))
 
     install_attention(model, attention_for("triton"))
     compile_repeated_blocks(model, fullgraph=False)
     with torch.inference_mode():
         compile_s = warm_up_compiled(lambda: model(**inputs), runs=1)
-    record("triton + compile_repeated_blocks", time_forward(model, inputs, runs), compile_s=round(compile_s, 1),
+    record("triton + compile_repeated_blocks", compile_s=round(compile_s, 1),
            graph_breaks=int(sum(torch._dynamo.utils.counters["graph_break"].values())))
     if compile_baseline:
-        model.set_attn_processor(default_processors)
+        model.set_attn_processor(dict(default_processors))  # diffusers pops from the dict it is given
         with torch.inference_mode():
             compile_s = warm_up_compiled(lambda: model(**inputs), runs=1)
-        record("diffusers SDPA + compile_repeated_blocks", time_forward(model, inputs, runs),
-               compile_s=round(compile_s, 1))
+        record("diffusers SDPA + compile_repeated_blocks", compile_s=round(compile_s, 1))
     if fp8_linear:  # last: the blocks' Linear layers are replaced in place (system param fp8_linear)
         replaced = quantize_linears(model)
-        for backend in (("sdpa",) if compile_baseline else ()) + ("triton",):
+        for backend in ("triton",) + (("sdpa",) if compile_baseline else ()):
             if backend == "sdpa":
-                model.set_attn_processor(default_processors)
+                model.set_attn_processor(dict(default_processors))  # diffusers pops from the dict it is given
             else:
                 install_attention(model, attention_for(backend))
             torch._dynamo.reset()
             with torch.inference_mode():
                 compile_s = warm_up_compiled(lambda: model(**inputs), runs=1)
                 out = model(**inputs)[0].float()
-            record(f"{backend} + fp8_linear + compile_repeated_blocks", time_forward(model, inputs, runs),
-                   compile_s=round(compile_s, 1), fp8_linears=replaced,
+            record(f"{backend} + fp8_linear + compile_repeated_blocks", compile_s=round(compile_s, 1),
+                   fp8_linears=replaced,
                    rel_l2_vs_eager=round(rel_l2(out, reference), 5))
     rows.append(dict(model=name, peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1)))
-    del model, inputs, reference
+    model = inputs = reference = None  # free the GPU memory before the next model
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     gc.collect()

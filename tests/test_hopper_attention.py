@@ -7,10 +7,23 @@ row there names the kernel that ran); bench/results/attention-h100.md holds the 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
-from smart_diffusion_backend.kernels.hopper_attention import RowView, compile_for_sm90, hopper_supports, row_view
+from smart_diffusion_backend.kernels.flash_attention import _QUANT_BLOCK
+from smart_diffusion_backend.kernels.hopper_attention import (
+    BLOCK_M,
+    RowView,
+    compile_for_sm90,
+    hopper_supports,
+    row_view,
+)
+
+# the modules (the package re-exports a function under the first one's name)
+flash_module = importlib.import_module("smart_diffusion_backend.kernels.flash_attention")
+hopper_module = importlib.import_module("smart_diffusion_backend.kernels.hopper_attention")
 
 
 def test_heads_outer_layout_maps_to_one_row_per_token_and_head():
@@ -59,10 +72,41 @@ def test_kernel_compiles_for_sm90_with_tma_and_wgmma(head_dim, persistent):
     assert compiled["shared_bytes"] >= 2 * (128 * head_dim + 4 * 128 * head_dim)
 
 
-def test_int8_qk_variant_compiles_to_int8_wgmma_without_spills():
-    # The SageAttention-1 variant (bench/hopper_int8_attention.py): int8 Q.K^T, bf16 P.V
-    compiled = compile_for_sm90(128, qk_int8=True, stages=3)
+@pytest.mark.parametrize("stages,persistent", [(2, True), (3, False)])
+def test_int8_qk_variant_compiles_to_int8_wgmma_without_spills(stages, persistent):
+    # The SageAttention-1 variant (precision="int8" on sm_90): int8 Q.K^T, bf16 P.V
+    compiled = compile_for_sm90(128, qk_int8=True, stages=stages, persistent=persistent)
     assert 0 < compiled["int8_wgmma"] < compiled["wgmma"]
     assert "0 bytes spill stores" in compiled["ptxas"]
-    # int8 Q (16 KiB) and 3 stages of int8 K (16 KiB) and bf16 V (32 KiB)
-    assert compiled["shared_bytes"] >= 128 * 128 + 3 * (128 * 128 + 2 * 128 * 128)
+    # int8 Q (16 KiB) and the stages of int8 K (16 KiB) and bf16 V (32 KiB)
+    assert compiled["shared_bytes"] >= 128 * 128 + stages * (128 * 128 + 2 * 128 * 128)
+
+
+def test_one_q_scale_per_consumer_partition():
+    # quantize_qk's scale blocks must match the 64 query rows a consumer partition owns
+    assert _QUANT_BLOCK == BLOCK_M // 2
+
+
+@pytest.mark.parametrize("precision,routed", [("int8", True), ("fp8", False)])
+def test_quantised_calls_take_the_hopper_kernel_only_for_int8(monkeypatch, precision, routed):
+    # Gluon cannot run on a CPU: stand in for the sm_90 check and the launch, keep the routing real.
+    calls = []
+    monkeypatch.setattr(flash_module, "_interpreting", lambda: False)
+    monkeypatch.setattr(hopper_module, "hopper_supports", lambda q, k, v, kv_len: True)
+    monkeypatch.setattr(hopper_module, "hopper_int8_attention", lambda *args: calls.append(args) or (args[0], None))
+    q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
+
+    class PortablePath(Exception):
+        pass
+
+    def portable_quantisation(*args, **kwargs):
+        raise PortablePath
+
+    monkeypatch.setattr(flash_module, "quantize_qk", portable_quantisation)
+    if routed:
+        flash_module._launch_quantized(q, q, q, 0.125, 7, True, precision)
+        assert len(calls) == 1 and calls[0][3:6] == (0.125, 7, True)
+    else:
+        with pytest.raises(PortablePath):
+            flash_module._launch_quantized(q, q, q, 0.125, 7, True, precision)
+        assert calls == []

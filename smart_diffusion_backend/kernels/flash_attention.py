@@ -19,6 +19,7 @@ Layout and contract (the same as ``torch.nn.functional.scaled_dot_product_attent
 * On Hopper (sm_90), bf16/fp16 calls with head_dim 64 or 128 and an int (or no) ``kv_len`` run the Gluon
   kernel of hopper_attention.py (FA3's warp-specialised structure, cuDNN's speed or better); the Triton-lang
   kernel here runs everything else (other GPUs, other head dims, per-batch ``kv_len``, float32, FP8).
+  ``precision="int8"`` takes the same Gluon kernel with int8 Q·Kᵀ under the same conditions.
 * Under ``torch.compile`` the launch goes through the custom op ``smart_diffusion::flash_attention`` so the
   compiler treats the kernel as opaque (no graph break); eager calls skip that dispatch overhead.
 
@@ -489,6 +490,11 @@ def _launch_quantized(q, k, v, softmax_scale: float, kv_len, return_lse: bool, p
                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """precision "int8": int8 Q/K, P·V in q's dtype (SageAttention 1); "fp8": e4m3 Q/K and e4m3 P·V."""
     interpret = _interpreting()
+    if precision == "int8" and not interpret:
+        from smart_diffusion_backend.kernels.hopper_attention import hopper_int8_attention, hopper_supports
+
+        if hopper_supports(q, k, v, kv_len):  # the same quantisation, in the Hopper kernel's structure
+            return hopper_int8_attention(q, k, v, softmax_scale, kv_len, return_lse, out)
     kernels = _build_kernels(interpret)
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]

@@ -17,17 +17,19 @@ Structure: one CTA per 128 query rows of one (batch, head), three partitions.
   O += P_{j-1}.V_{j-1}, and the softmax of S_j runs while that second wgmma is still in flight. P stays in
   registers (wgmma's A operand).
 
-Measured on H100 (bench/results/attention-h100.md): 1.09-1.10x cuDNN at 32,760 and 75,600 tokens,
-0.95-0.98x at 4,608 and 16,384.
+Measured on H100 (bench/results/attention-h100.md), persistent: 1.09-1.10x cuDNN at 32,760 and 75,600 tokens,
+1.04x at 16,384 and 0.97x at 4,608.
 
-``PERSISTENT`` (a constexpr, not routed yet) launches at most one CTA per SM, each walking query tiles: the
-next tile's Q loads once both consumers have issued their last Q.K^T (a q_empty barrier), its K/V follow in
-the same ring, and the last V buffer is handed back after the final P.V, so one tile's epilogue hides the
-next tile's first loads. Aimed at the short image lengths; bench/attention_bench.py measures it.
+Persistent launch (the default, ``PERSISTENT``): at most one CTA per SM, each walking query tiles. The next
+tile's Q loads once both consumers have issued their last Q.K^T (a q_empty barrier), its K/V follow in the
+same ring, and the last V buffer is handed back after the final P.V, so one tile's epilogue hides the next
+tile's first loads. Against one CTA per tile it was as fast or faster at every benchmarked length in two
+runs (+1.5-3 % at 4,608 tokens); ``persistent=False`` keeps the plain grid for comparison.
 
-``QK_INT8`` (a constexpr of the kernel) switches Q.K^T to int8 wgmma on SageAttention-1 inputs (the library's
-``quantize_qk``: per-64-row scales, K smoothed by its mean), with P.V in V's dtype. ``flash_attention`` does
-not route to it yet: bench/hopper_int8_attention.py measures it against float32, cuDNN and the bf16 kernel.
+``QK_INT8`` switches Q.K^T to int8 wgmma on SageAttention-1 inputs (the library's ``quantize_qk``: per-64-row
+scales, K smoothed by its mean), with P.V in V's dtype: ``hopper_int8_attention``, the ``int8`` precision of
+``flash_attention`` on sm_90. It is more accurate than e4m3 (rel-L2 1.3e-2 against float32) but not faster
+than bf16 here: the loop is bound by the softmax, not by the tensor cores (bench/results/int8-attention-h100.md).
 
 Addressing: Q, K and V are read through 2-D TMA descriptors, so each may be in either of the two layouts
 DiT attention produces without a copy:
@@ -52,7 +54,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["hopper_attention", "hopper_supports", "HOPPER_HEAD_DIMS"]
+__all__ = ["hopper_attention", "hopper_int8_attention", "hopper_supports", "HOPPER_HEAD_DIMS"]
 
 HOPPER_HEAD_DIMS = (64, 128)
 BLOCK_M = 128  # query rows per CTA: 64 per consumer partition
@@ -121,7 +123,7 @@ def _attend_rows(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, q_s
                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr):
     # One query tile's rows of this partition (4 warps) over every K/V tile, up to the last tile's P.V, which
     # _finish_rows issues. Returns the accumulator, the last P and the softmax state. QK_INT8: Q and K are int8
-    # with per-64-row scales (SageAttention 1, measured by bench/hopper_int8_attention.py); P.V stays in V's dtype.
+    # with per-64-row scales (SageAttention 1; results in bench/results/int8-attention-h100.md); P.V stays in V's dtype.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32 if QK_INT8 else 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -431,9 +433,9 @@ def _sm_count(device_index: int) -> int:
 
 def hopper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, kv_len: int | None,
                      return_lse: bool, out: torch.Tensor | None = None,
-                     persistent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     persistent: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch on validated inputs (see ``hopper_supports``); returns ``(out, lse)``, lse empty unless asked.
-    ``persistent``: one CTA per SM walks the query tiles (an experiment bench/attention_bench.py times)."""
+    ``persistent``: one CTA per SM walks the query tiles (the default); False: one CTA per query tile."""
     batch, heads, seq_q, _ = q.shape
     seq_kv = k.shape[2]
     kv_end = seq_kv if kv_len is None else min(int(kv_len), seq_kv)
@@ -452,8 +454,41 @@ def hopper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_
     return out, lse
 
 
+def hopper_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                          kv_len: int | None, return_lse: bool, out: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 Q.K^T, P.V in v's dtype, on inputs ``hopper_supports`` accepts; returns ``(out, lse)`` like
+    ``hopper_attention``. Q and K are quantised first (``quantize_qk``), V is read in place."""
+    from smart_diffusion_backend.kernels.flash_attention import quantize_qk  # flash_attention imports this module
+
+    batch, heads, seq_q, _ = q.shape
+    seq_kv = k.shape[2]
+    kv_end = seq_kv if kv_len is None else min(int(kv_len), seq_kv)
+    q8, q_scale, k8, k_scale, k_mean = quantize_qk(q, k, softmax_scale, kv_len, int8=True)
+    target = out
+    if out is None or out.stride(-1) != 1 or out.data_ptr() % 16:
+        out = torch.empty_like(q)
+    lse = torch.empty((batch, heads, seq_q if return_lse else 0), device=q.device, dtype=torch.float32)
+    launch_int8(q8, q_scale, k8, k_scale, v, out, lse, kv_end=kv_end, return_lse=return_lse)
+    if target is not None and target is not out:
+        out = target.copy_(out)
+    if return_lse:  # the kernel's lse is of the smoothed scores: add q.mean(k) back
+        lse = lse + torch.einsum("bhsd,bhd->bhs", q.float(), k_mean) * softmax_scale
+    return out, lse
+
+
+def launch_int8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, v: torch.Tensor,
+                out: torch.Tensor, lse: torch.Tensor, *, kv_end: int, return_lse: bool, persistent: bool = True,
+                stages: int = STAGES) -> None:
+    """The int8 kernel on ``quantize_qk``'s buffers (``[B*H, S_pad, D]``, seen as ``[B, H, S_pad, D]``)."""
+    batch, heads = out.shape[:2]
+    q8v, k8v = (t.view(batch, heads, t.shape[1], t.shape[2]) for t in (q8, k8))
+    launch([readable(q8v), readable(k8v), readable(v)], out, lse, kv_end=kv_end, qk_scale=1.0,
+           return_lse=return_lse, persistent=persistent, stages=stages, qk_scales=(q_scale, k_scale))
+
+
 def launch(views: list[tuple[torch.Tensor, RowView]], out: torch.Tensor, lse: torch.Tensor, *, kv_end: int,
-           qk_scale: float, return_lse: bool, persistent: bool = False, stages: int = STAGES,
+           qk_scale: float, return_lse: bool, persistent: bool = True, stages: int = STAGES,
            qk_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """One launch of ``_attn_fwd_hopper`` over ``[(q, its RowView), (k, ...), (v, ...)]``; writes ``out`` (rows of
     head_dim contiguous elements) and, with ``return_lse``, ``lse`` ([B, H, seq_q] float32), seq_q being out's.
