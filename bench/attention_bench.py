@@ -176,7 +176,8 @@ def speed(sizes: list[int], precisions: list[str]) -> list[dict]:
                                                        return_mode="median")
         del qi, ki, vi
         kernels = _build_kernels(False)
-        configs = {"bf16": str(kernels["attn"].best_config), "quant": str(kernels["attn_quant"].best_config)}
+        configs = {name: str(getattr(kernels[key], "best_config", None))  # None: that kernel did not run
+                   for name, key in (("bf16", "attn"), ("quant", "attn_quant"))}
         for name, ms in results.items():
             row = dict(S=seq, H=heads, D=head_dim, impl=name, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1),
                        vs_cudnn=round(results["cudnn"] / ms, 3))

@@ -18,7 +18,7 @@ Structure: one CTA per 128 query rows of one (batch, head), three partitions.
   registers (wgmma's A operand).
 
 Measured on H100 (bench/results/attention-h100.md), persistent: 1.09-1.10x cuDNN at 32,760 and 75,600 tokens,
-1.04x at 16,384 and 0.97x at 4,608.
+0.93-1.04x at 16,384 (three runs) and 0.97x at 4,608.
 
 Persistent launch (the default, ``PERSISTENT``): at most one CTA per SM, each walking query tiles. The next
 tile's Q loads once both consumers have issued their last Q.K^T (a q_empty barrier), its K/V follow in the
