@@ -78,6 +78,8 @@ def test_int8_qk_variant_compiles_to_int8_wgmma_without_spills(stages, persisten
     compiled = compile_for_sm90(128, qk_int8=True, stages=stages, persistent=persistent)
     assert 0 < compiled["int8_wgmma"] < compiled["wgmma"]
     assert "0 bytes spill stores" in compiled["ptxas"]
+    # scores become float by bit arithmetic, not one cvt each (the bf16 kernel's prologue has 4)
+    assert compiled["ptx"].count("cvt.rn.f32.s32") <= 8
     # int8 Q (16 KiB) and the stages of int8 K (16 KiB) and bf16 V (32 KiB)
     assert compiled["shared_bytes"] >= 128 * 128 + stages * (128 * 128 + 2 * 128 * 128)
 
@@ -110,3 +112,21 @@ def test_quantised_calls_take_the_hopper_kernel_only_for_int8(monkeypatch, preci
         with pytest.raises(PortablePath):
             flash_module._launch_quantized(q, q, q, 0.125, 7, True, precision)
         assert calls == []
+
+
+def test_int_to_float_bit_arithmetic_is_exact_over_the_int8_score_range():
+    # _scores turns int32 Q8.K8^T into float32 as (s + bits(1.5 * 2^23)) seen as float, minus 1.5 * 2^23.
+    # Scores of int8 vectors of length <= 128 stay within 128 * 128 * 128 = 2^21; the trick holds to 2^22.
+    bits, value = hopper_module._INT_TO_FLOAT_BITS, hopper_module._INT_TO_FLOAT_VALUE
+    assert torch.tensor([bits], dtype=torch.int32).view(torch.float32).item() == value
+    limit = 2**22 - 1
+    edges = torch.tensor([-limit, -(2**21), -1, 0, 1, 2**21, limit], dtype=torch.int32)
+    scores = torch.cat([edges, torch.randint(-limit, limit + 1, (100_000,), dtype=torch.int32,
+                                             generator=torch.Generator().manual_seed(0))])
+    converted = (scores + bits).view(torch.float32) - value
+    assert torch.equal(converted, scores.to(torch.float32))
+    # the kernel spells the constants out
+    import inspect
+
+    source = inspect.getsource(hopper_module._scores.fn)
+    assert str(bits) in source and repr(value) in source

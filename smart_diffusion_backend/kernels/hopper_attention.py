@@ -28,8 +28,11 @@ runs (+1.5-3 % at 4,608 tokens); ``persistent=False`` keeps the plain grid for c
 
 ``QK_INT8`` switches Q.K^T to int8 wgmma on SageAttention-1 inputs (the library's ``quantize_qk``: per-64-row
 scales, K smoothed by its mean), with P.V in V's dtype: ``hopper_int8_attention``, the ``int8`` precision of
-``flash_attention`` on sm_90. It is more accurate than e4m3 (rel-L2 1.3e-2 against float32) but not faster
-than bf16 here: the loop is bound by the softmax, not by the tensor cores (bench/results/int8-attention-h100.md).
+``flash_attention`` on sm_90. It is more accurate than e4m3 (rel-L2 1.3e-2 against float32). Measured with
+one int->float conversion per score it ran at bf16's speed (bench/results/int8-attention-h100.md): those
+conversions share exp2's 16-per-clock unit, and per 128x128 tile that unit's 2 x 16,384 operations take 2,048
+clocks, as long as bf16's two wgmmas. The scores now become float by bit arithmetic (``_scores``), which leaves
+the unit 1,024 clocks against int8's 1,536 of tensor-core time: up to 4/3 of bf16. Not yet timed.
 
 Addressing: Q, K and V are read through 2-D TMA descriptors, so each may be in either of the two layouts
 DiT attention produces without a copy:
@@ -57,6 +60,10 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 __all__ = ["hopper_attention", "hopper_int8_attention", "hopper_supports", "HOPPER_HEAD_DIMS"]
 
 HOPPER_HEAD_DIMS = (64, 128)
+# int32 -> float32 by bit arithmetic in _scores (QK_INT8): 0x4B400000 is float32 1.5 * 2^23 = 12582912.0, whose
+# last mantissa bit is worth 1.0; exact for |s| < 2^22. The kernel spells both numbers out (Gluon constants).
+_INT_TO_FLOAT_BITS = 0x4B400000
+_INT_TO_FLOAT_VALUE = 12582912.0
 BLOCK_M = 128  # query rows per CTA: 64 per consumer partition
 BLOCK_N = 128  # keys per tile
 STAGES = 2  # K/V ring depth: 32 KiB Q + 2 x 64 KiB K/V per CTA at head_dim 128
@@ -109,11 +116,17 @@ def _softmax_update(s, m_i, l_i, qk_scale, col_start, kv_end, MASK: gl.constexpr
 def _scores(s, q_scale, k_scale_ptr, k_scale_offset, col_start, BLOCK_N: gl.constexpr, col_layout: gl.constexpr,
             QK_INT8: gl.constexpr):
     # QK_INT8: int32 Q8.K8^T -> float32 scores, one Q scale for the partition's 64 rows, one K scale per 64 keys.
+    # Not with cvt: the conversion (SASS I2FP) issues at 16 per clock per SM on the same unit as exp2 (CUDA
+    # programming guide's throughput table; Triton PR #4563 on Hopper's conversions), and one per score beside
+    # the softmax's exp2 made that unit as slow as the tensor cores. |Q8.K8^T| <= 128 * 128 * HEAD_DIM < 2^22, so
+    # adding the bit pattern of 1.5 * 2^23 (_INT_TO_FLOAT_BITS) gives a float32 equal to 1.5 * 2^23 + s exactly;
+    # subtracting 1.5 * 2^23 leaves s: an integer add and a float subtract, which issue at 64 and 128 per clock.
     scores = s
     if QK_INT8:
         cols = col_start + gl.arange(0, BLOCK_N, layout=col_layout)
         k_scale = gl.load(k_scale_ptr + k_scale_offset + cols // 64)
-        scores = s.to(gl.float32) * gl.expand_dims(k_scale * q_scale, 0)
+        exact = (s + 1262485504).to(gl.float32, bitcast=True) - 12582912.0
+        scores = exact * gl.expand_dims(k_scale * q_scale, 0)
     return scores
 
 
