@@ -2,6 +2,7 @@
 # Served benchmarks on an offline GPU machine, from the bundle scripts/gpu_carry.sh packs (carry .gpu-carry).
 #   bash scripts/gpu_served_bench.sh STEP...     results go to $OUT (or build/gpu-results)
 # steps: setup (unpack into /tmp/site) · kernels (bench/attention_bench.py: checks, then ours vs cuDNN/flash)
+#        profile (Nsight Compute details of our Hopper kernel at 4,224 tokens, where ncu is installed)
 #        step (bench/transformer_step_bench.py, one-GPU forward; STEP_MODELS, default "flux,wan480")
 #        graphs (sp_bench, Flux 1024² with the whole forward as one CUDA graph, 1 GPU and all of them) · weights (random-weight FLUX.1-dev, bench/random_weights.py)
 #        overhead-1 / overhead-2 (served vs in-process, FLUX.1-dev 1024², 28 steps, 1 and 2 GPUs)
@@ -51,6 +52,13 @@ for step in "$@"; do
       python3 scripts/build_tiny_models.py tiny-flux ;;
     kernels)  # PRECISIONS: bf16,int8 by default (fp8 is known to miss its error bar; add it to re-measure)
       python3 bench/attention_bench.py --precisions ${PRECISIONS:-bf16,int8} --out "$out/attention-h100.md" ;;
+    profile)  # Nsight Compute on our kernel at 4,224 tokens (whole waves, where it trails cuDNN most), if installed
+      ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1 || true)
+      if [ -z "$ncu" ]; then echo "no ncu on this machine: skipping the profile"; else
+        "$ncu" --set full --import-source yes -k regex:_attn_fwd_hopper -c 1 -f -o "$out/attention-4224" \
+          python3 bench/attention_bench.py --skip-check --precisions bf16 --sizes 4224 --out "$out/attention-4224.md"
+        "$ncu" --import "$out/attention-4224.ncu-rep" --page details > "$out/attention-4224-ncu.txt"
+      fi ;;
     graphs)
       gpus=$(nvidia-smi -L | wc -l)
       python3 bench/sp_bench.py --model flux --gpus 1 "$gpus" --iters 5 --warmup 2 --modes ours ours+graph \
