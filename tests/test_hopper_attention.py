@@ -130,3 +130,32 @@ def test_int_to_float_bit_arithmetic_is_exact_over_the_int8_score_range():
 
     source = inspect.getsource(hopper_module._scores.fn)
     assert str(bits) in source and repr(value) in source
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+@pytest.mark.parametrize("case", ["no-out", "out-head-dim-strided", "q-head-dim-strided"])
+def test_kernel_stores_only_into_rows_it_can_write(monkeypatch, int8, case):
+    # The kernel stores rows of head_dim contiguous elements. Gluon cannot run on a CPU: stand in for the launch
+    # (and for quantize_qk's Triton kernel) and check where the host side has it store, and what it returns.
+    stored = []
+    monkeypatch.setattr(hopper_module, "launch", lambda views, out, lse, **kwargs: stored.append(out.fill_(1.0)))
+    if int8:
+        def fake_quantisation(q, k, scale, kv_len, int8):
+            buffers = [torch.zeros(t.shape[0] * t.shape[1], 128, t.shape[3], dtype=torch.int8) for t in (q, k)]
+            scales = torch.ones(q.shape[0] * q.shape[1], 2)
+            return buffers[0], scales, buffers[1], scales, torch.zeros(q.shape[0], q.shape[1], q.shape[3])
+
+        monkeypatch.setattr(flash_module, "quantize_qk", fake_quantisation)
+    q = torch.zeros(1, 2, 100, 64, dtype=torch.bfloat16)
+    if case == "q-head-dim-strided":
+        q = torch.zeros(1, 64, 2, 100, dtype=torch.bfloat16).permute(0, 2, 3, 1)
+    out = torch.zeros(1, 64, 2, 100, dtype=torch.bfloat16).permute(0, 2, 3, 1) if case == "out-head-dim-strided" \
+        else None
+    run = hopper_module.hopper_int8_attention if int8 else hopper_module.hopper_attention
+    result, lse = run(q, q, q, 0.125, None, True, out)
+    assert len(stored) == 1 and stored[0].stride(-1) == 1
+    assert lse.shape == (1, 2, 100)
+    if out is not None:
+        assert result is out and bool((out == 1).all())  # copied into the caller's tensor
+    else:
+        assert result is stored[0]

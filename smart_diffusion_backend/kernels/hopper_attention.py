@@ -449,22 +449,9 @@ def hopper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_
                      persistent: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch on validated inputs (see ``hopper_supports``); returns ``(out, lse)``, lse empty unless asked.
     ``persistent``: one CTA per SM walks the query tiles (the default); False: one CTA per query tile."""
-    batch, heads, seq_q, _ = q.shape
-    seq_kv = k.shape[2]
-    kv_end = seq_kv if kv_len is None else min(int(kv_len), seq_kv)
     views = [readable(t) for t in (q, k, v)]
-    q = views[0][0]
-    target = out
-    if out is not None and (out.stride(-1) != 1 or out.data_ptr() % 16):
-        out = None  # the kernel stores rows of head_dim contiguous elements
-    if out is None:
-        out = torch.empty_like(q)
-    lse = torch.empty((batch, heads, seq_q if return_lse else 0), device=q.device, dtype=torch.float32)
-    launch(views, out, lse, kv_end=kv_end, qk_scale=softmax_scale * _LOG2E, return_lse=return_lse,
-           persistent=persistent)
-    if target is not None and target is not out:
-        out = target.copy_(out)
-    return out, lse
+    return _launch_into(views, q, k.shape[2], kv_len, out, return_lse, qk_scale=softmax_scale * _LOG2E,
+                        persistent=persistent)
 
 
 def hopper_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
@@ -474,30 +461,35 @@ def hopper_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sof
     ``hopper_attention``. Q and K are quantised first (``quantize_qk``), V is read in place."""
     from smart_diffusion_backend.kernels.flash_attention import quantize_qk  # flash_attention imports this module
 
-    batch, heads, seq_q, _ = q.shape
-    seq_kv = k.shape[2]
-    kv_end = seq_kv if kv_len is None else min(int(kv_len), seq_kv)
+    batch, heads = q.shape[:2]
     q8, q_scale, k8, k_scale, k_mean = quantize_qk(q, k, softmax_scale, kv_len, int8=True)
-    target = out
-    if out is None or out.stride(-1) != 1 or out.data_ptr() % 16:
-        out = torch.empty_like(q)
-    lse = torch.empty((batch, heads, seq_q if return_lse else 0), device=q.device, dtype=torch.float32)
-    launch_int8(q8, q_scale, k8, k_scale, v, out, lse, kv_end=kv_end, return_lse=return_lse)
-    if target is not None and target is not out:
-        out = target.copy_(out)
+    # quantize_qk's [B*H, S_pad, D] buffers, seen as heads outer [B, H, S_pad, D]
+    q8, k8 = (t.view(batch, heads, t.shape[1], t.shape[2]) for t in (q8, k8))
+    out, lse = _launch_into([readable(q8), readable(k8), readable(v)], q, k.shape[2], kv_len, out, return_lse,
+                            qk_scale=1.0, qk_scales=(q_scale, k_scale))
     if return_lse:  # the kernel's lse is of the smoothed scores: add q.mean(k) back
         lse = lse + torch.einsum("bhsd,bhd->bhs", q.float(), k_mean) * softmax_scale
     return out, lse
 
 
-def launch_int8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor, v: torch.Tensor,
-                out: torch.Tensor, lse: torch.Tensor, *, kv_end: int, return_lse: bool, persistent: bool = True,
-                stages: int = STAGES) -> None:
-    """The int8 kernel on ``quantize_qk``'s buffers (``[B*H, S_pad, D]``, seen as ``[B, H, S_pad, D]``)."""
-    batch, heads = out.shape[:2]
-    q8v, k8v = (t.view(batch, heads, t.shape[1], t.shape[2]) for t in (q8, k8))
-    launch([readable(q8v), readable(k8v), readable(v)], out, lse, kv_end=kv_end, qk_scale=1.0,
-           return_lse=return_lse, persistent=persistent, stages=stages, qk_scales=(q_scale, k_scale))
+def _launch_into(views: list[tuple[torch.Tensor, RowView]], q: torch.Tensor, seq_kv: int, kv_len: int | None,
+                 out: torch.Tensor | None, return_lse: bool, **launch_args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``launch`` into ``out`` where the kernel can store there (rows of head_dim contiguous elements, 16-byte
+    aligned), else into a new tensor laid out like q (copied into ``out`` after, when one was given)."""
+    batch, heads, seq_q, _ = q.shape
+    kv_end = seq_kv if kv_len is None else min(int(kv_len), seq_kv)
+
+    def storable(t: torch.Tensor) -> bool:
+        return t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+
+    target = out if out is not None and storable(out) else torch.empty_like(q)
+    if not storable(target):  # q itself has head_dim strided
+        target = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty((batch, heads, seq_q if return_lse else 0), device=q.device, dtype=torch.float32)
+    launch(views, target, lse, kv_end=kv_end, return_lse=return_lse, **launch_args)
+    if out is not None and out is not target:
+        target = out.copy_(target)
+    return target, lse
 
 
 def launch(views: list[tuple[torch.Tensor, RowView]], out: torch.Tensor, lse: torch.Tensor, *, kv_end: int,
