@@ -50,8 +50,7 @@ def rel_l2(out, ref):
 
 
 def correctness_checks() -> list[dict]:
-    cases = [
-        # (batch, heads, seq_q, seq_kv, head_dim, kv_len)
+    outer = [  # (batch, heads, seq_q, seq_kv, head_dim, kv_len), contiguous [B, H, S, D]
         (1, 24, 4608, 4608, 128, None),
         (1, 4, 77, 77, 128, None),
         (2, 3, 1000, 1000, 64, None),
@@ -62,28 +61,26 @@ def correctness_checks() -> list[dict]:
         (2, 4, 1024, 1024, 128, "tensor"),
         (1, 2, 32760, 32760, 128, None),  # 2 of Wan 480p's 40 heads
         (1, 1, 75600, 75600, 128, None),  # 1 of Wan 720p's 40 heads
-        # [B, S, H, D] tensors seen as [B, H, S, D] (what diffusers' processors pass): "inner" heads
-        (2, 24, 4608, 4608, 128, "inner"),
-        (1, 40, 1531, 512, 128, "inner"),   # Wan cross-attention, odd query length
-        (2, 6, 1000, 1000, 64, "inner+900"),
     ]
+    inner = [  # [B, S, H, D] tensors seen as [B, H, S, D] (what diffusers' processors pass)
+        (2, 24, 4608, 4608, 128, None),
+        (1, 40, 1531, 512, 128, None),    # Wan cross-attention, odd query length
+        (2, 6, 1000, 1000, 64, 900),
+    ]
+    cases = [case + ("outer",) for case in outer] + [case + ("inner",) for case in inner]
     rows = []
     for dtype in (torch.bfloat16, torch.float16):
         for precision in ("bf16", "int8", "fp8"):
-            for index, (batch, heads, seq_q, seq_kv, head_dim, kv_len) in enumerate(cases):
+            for index, (batch, heads, seq_q, seq_kv, head_dim, kv_len, layout) in enumerate(cases):
                 # fewer quantised / fp16 cases: each new shape autotunes and compiles (device time)
-                inner = isinstance(kv_len, str) and kv_len.startswith("inner")
-                if precision != "bf16" and (index in (2, 4, 5) or inner):
+                if precision != "bf16" and (index in (2, 4, 5) or layout == "inner"):
                     continue
                 if dtype == torch.float16 and (index not in (1, 2, 3) or precision != "bf16"):
                     continue
                 gen = torch.Generator(device="cuda").manual_seed(len(rows) + 1)  # fresh inputs per check
-                layout = "inner" if inner else "outer"
-                if inner:
-                    kv_len = int(kv_len.split("+")[1]) if "+" in kv_len else None
 
                 def make(seq):
-                    if inner:  # [B, S, H, D] storage, viewed as [B, H, S, D]
+                    if layout == "inner":  # [B, S, H, D] storage, viewed as [B, H, S, D]
                         t = torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=dtype, generator=gen)
                         return t.transpose(1, 2)
                     return torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype, generator=gen)
