@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 from torch import nn
 
 from smart_diffusion_backend.params import ConfigError, SystemParams
 from smart_diffusion_backend.quant import FP8_MAX, Fp8Linear, quantize_linears
 
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from .test_attention_backends import rel_l2, tiny_flux, tiny_wan
 
 
 def e4m3_rows(x: torch.Tensor) -> torch.Tensor:
@@ -56,15 +53,8 @@ def test_zero_rows_stay_finite_and_bf16_in_gives_bf16_out():
     assert torch.equal(out[0, 1], linear.bias)  # a zero row gives exactly the bias
 
 
-def tiny_flux() -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
-                                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
-                                  pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
-
-
 def test_only_the_blocks_token_wise_linears_are_replaced():
-    model = tiny_flux()
+    model, _ = tiny_flux()
     replaced = quantize_linears(model)
     fp8 = {name for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
     assert replaced == len(fp8) == 22
@@ -77,17 +67,7 @@ def test_only_the_blocks_token_wise_linears_are_replaced():
 
 
 def test_quantised_flux_and_wan_forwards_stay_close_to_float():
-    torch.manual_seed(1)
-    flux = tiny_flux()
-    inputs = dict(hidden_states=torch.randn(1, 24, 64), encoder_hidden_states=torch.randn(1, 7, 32),
-                  pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
-                  img_ids=torch.zeros(24, 3), txt_ids=torch.zeros(7, 3), return_dict=False)
-    wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16,
-                                out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
-                                cross_attn_norm=True, qk_norm="rms_norm_across_heads").eval()
-    wan_inputs = dict(hidden_states=torch.randn(1, 16, 3, 8, 8), timestep=torch.tensor([500]),
-                      encoder_hidden_states=torch.randn(1, 7, 32), return_dict=False)
-    for model, kwargs in ((flux, inputs), (wan, wan_inputs)):
+    for model, kwargs in (tiny_flux(), tiny_wan()):
         with torch.inference_mode():
             reference = model(**kwargs)[0]
             assert quantize_linears(model) > 0
