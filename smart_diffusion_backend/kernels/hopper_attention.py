@@ -9,30 +9,30 @@ explicitly, the FA3 layout reaches cuDNN's speed and passes it on long sequences
 (bench/results/gluon-attention-h100.md).
 
 Structure: one CTA per 128 query rows of one (batch, head), three partitions.
-* A 1-warp load partition streams Q once, then K and V tiles, into a 2-stage shared-memory ring with TMA.
+* A 1-warp load partition streams Q, then K and V tiles, into a 2-stage shared-memory ring with TMA.
   Each buffer has a ready and an empty mbarrier.
 * Two 4-warp consumer partitions take 64 query rows each. Each runs its own online softmax and hands
-  buffers back on its own (count-2 empty barriers), so the two drift apart and one's softmax overlaps the
-  other's wgmma. Within a partition the loop is software-pipelined as in FA3: S_j = Q.K_j^T is issued, then
-  O += P_{j-1}.V_{j-1}, and the softmax of S_j runs while that second wgmma is still in flight. P stays in
-  registers (wgmma's A operand).
+  buffers back on its own (count-2 empty barriers; K as soon as its Q.K^T is read, V after its P.V), so the
+  two drift apart and one's softmax overlaps the other's wgmma. Within a partition the loop is
+  software-pipelined as in FA3: S_j = Q.K_j^T is issued, then O += P_{j-1}.V_{j-1}, and the softmax of S_j runs
+  while that second wgmma is still in flight. P stays in registers (wgmma's A operand).
+* O is moved to a layout of 8 consecutive elements per thread before it is stored: from the wgmma layout, each
+  store filled half a 32-byte sector (Nsight Compute, bench/results/attention-h100.md).
 
-Measured on H100 (bench/results/attention-h100.md), persistent: 1.09-1.10x cuDNN at 32,760 and 75,600 tokens,
-0.93-1.04x at 16,384 (three runs) and 0.97x at 4,608.
+Persistent launch (the default, ``PERSISTENT``): at most one CTA per SM, each walking query tiles, with Q in two
+buffers: the next tile's Q loads while this one runs, and its S_0 = Q.K_0^T is issued before this tile's last
+P.V, its softmax running under that P.V. ``persistent=False`` keeps the plain grid for comparison.
 
-Persistent launch (the default, ``PERSISTENT``): at most one CTA per SM, each walking query tiles. The next
-tile's Q loads once both consumers have issued their last Q.K^T (a q_empty barrier), its K/V follow in the
-same ring, and the last V buffer is handed back after the final P.V, so one tile's epilogue hides the next
-tile's first loads. Against one CTA per tile it was as fast or faster at every benchmarked length in two
-runs (+1.5-3 % at 4,608 tokens); ``persistent=False`` keeps the plain grid for comparison.
+Measured on H100 (bench/results/attention-h100.md): 1.08-1.17x cuDNN at 32,760 and 75,600 tokens, 0.99-1.01x at
+16,384 and 4,608. Nsight Compute at 4,224 tokens puts 95 % of the consumers' samples in the K/V loop itself.
 
 ``QK_INT8`` switches Q.K^T to int8 wgmma on SageAttention-1 inputs (the library's ``quantize_qk``: per-64-row
 scales, K smoothed by its mean), with P.V in V's dtype: ``hopper_int8_attention``, the ``int8`` precision of
-``flash_attention`` on sm_90. It is more accurate than e4m3 (rel-L2 1.3e-2 against float32). Measured with
-one int->float conversion per score it ran at bf16's speed (bench/results/int8-attention-h100.md): those
-conversions share exp2's 16-per-clock unit, and per 128x128 tile that unit's 2 x 16,384 operations take 2,048
-clocks, as long as bf16's two wgmmas. The scores now become float by bit arithmetic (``_scores``), which leaves
-the unit 1,024 clocks against int8's 1,536 of tensor-core time: up to 4/3 of bf16. Not yet timed.
+``flash_attention`` on sm_90. It is more accurate than e4m3 (rel-L2 1.3e-2 against float32). The scores become
+float by bit arithmetic (``_scores``), since one int->float conversion per score shares exp2's 16-per-clock unit
+and made the loop as slow as bf16's; the K scales are two scalar loads issued ahead of the scores. Measured,
+quantisation included: 0.73x cuDNN at 4,608 tokens, 0.96x at 16,384, 1.03-1.09x at 32,760-75,600, so at most
+as fast as bf16.
 
 Addressing: Q, K and V are read through 2-D TMA descriptors, so each may be in either of the two layouts
 DiT attention produces without a copy:
@@ -56,6 +56,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.runtime.jit import constexpr_function
 
 __all__ = ["hopper_attention", "hopper_int8_attention", "hopper_supports", "HOPPER_HEAD_DIMS"]
 
@@ -66,8 +67,21 @@ _INT_TO_FLOAT_BITS = 0x4B400000
 _INT_TO_FLOAT_VALUE = 12582912.0
 BLOCK_M = 128  # query rows per CTA: 64 per consumer partition
 BLOCK_N = 128  # keys per tile
-STAGES = 2  # K/V ring depth: 32 KiB Q + 2 x 64 KiB K/V per CTA at head_dim 128
+STAGES = 2  # K/V ring depth: 2 x 32 KiB Q + 2 x 64 KiB K/V per persistent CTA at head_dim 128 (3 was no faster)
 _LOG2E = 1.4426950408889634
+
+
+@constexpr_function
+def _scores_layout(block_n, qk_int8):
+    # S = Q.K^T of one 4-warp consumer partition (64 rows); int8 wgmma takes K=32 per instruction
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                     instr_shape=[16, block_n, 32 if qk_int8 else 16])
+
+
+@constexpr_function
+def _accumulator_layout(head_dim):
+    # O of one consumer partition, accumulated by the P.V wgmma
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, head_dim, 16])
 
 
 @gluon.jit
@@ -113,9 +127,44 @@ def _softmax_update(s, m_i, l_i, qk_scale, col_start, kv_end, MASK: gl.constexpr
 
 
 @gluon.jit
-def _scores(s, q_scale, k_scale_ptr, k_scale_offset, col_start, BLOCK_N: gl.constexpr, col_layout: gl.constexpr,
-            QK_INT8: gl.constexpr):
-    # QK_INT8: int32 Q8.K8^T -> float32 scores, one Q scale for the partition's 64 rows, one K scale per 64 keys.
+def _softmax_of_tile(scores, m_i, l_i, qk_scale, col_start, kv_end, BLOCK_N: gl.constexpr):
+    # _softmax_update with the key mask only on a tile that runs past kv_end
+    col_layout: gl.constexpr = gl.SliceLayout(0, scores.type.layout)
+    if col_start + BLOCK_N > kv_end:
+        p, m_new, l_new, alpha = _softmax_update(scores, m_i, l_i, qk_scale, col_start, kv_end, True, BLOCK_N,
+                                                 col_layout)
+    else:
+        p, m_new, l_new, alpha = _softmax_update(scores, m_i, l_i, qk_scale, col_start, kv_end, False, BLOCK_N,
+                                                 col_layout)
+    return p, m_new, l_new, alpha
+
+
+@gluon.jit
+def _q_scale(q_scale_ptr, q_scale_offset, q_start, QK_INT8: gl.constexpr):
+    # QK_INT8: the one scale of this partition's 64 query rows (quantize_qk's blocks are 64 rows)
+    scale = 1.0
+    if QK_INT8:
+        scale = gl.load(q_scale_ptr + q_scale_offset + q_start // 64)
+    return scale
+
+
+@gluon.jit
+def _score_scale(k_scale_ptr, k_scale_offset, col_start, q_scale, BLOCK_N: gl.constexpr, col_layout: gl.constexpr,
+                 QK_INT8: gl.constexpr):
+    # QK_INT8: Q's scale times the per-64-key scales of the K tile at col_start, per column. Two scalar loads,
+    # issued before the scores are waited for (a load per column in the softmax's path cost more than int8 saved).
+    scale = 1.0
+    if QK_INT8:
+        first = gl.load(k_scale_ptr + k_scale_offset + col_start // 64) * q_scale
+        second = gl.load(k_scale_ptr + k_scale_offset + col_start // 64 + 1) * q_scale
+        cols = gl.arange(0, BLOCK_N, layout=col_layout)
+        scale = gl.where(cols < 64, first, second)
+    return scale
+
+
+@gluon.jit
+def _scores(s, scale, QK_INT8: gl.constexpr):
+    # QK_INT8: int32 Q8.K8^T -> float32 scores times _score_scale's per-column scale.
     # Not with cvt: the conversion (SASS I2FP) issues at 16 per clock per SM on the same unit as exp2 (CUDA
     # programming guide's throughput table; Triton PR #4563 on Hopper's conversions), and one per score beside
     # the softmax's exp2 made that unit as slow as the tensor cores. |Q8.K8^T| <= 128 * 128 * HEAD_DIM < 2^22, so
@@ -123,53 +172,43 @@ def _scores(s, q_scale, k_scale_ptr, k_scale_offset, col_start, BLOCK_N: gl.cons
     # subtracting 1.5 * 2^23 leaves s: an integer add and a float subtract, which issue at 64 and 128 per clock.
     scores = s
     if QK_INT8:
-        cols = col_start + gl.arange(0, BLOCK_N, layout=col_layout)
-        k_scale = gl.load(k_scale_ptr + k_scale_offset + cols // 64)
         exact = (s + 1262485504).to(gl.float32, bitcast=True) - 12582912.0
-        scores = exact * gl.expand_dims(k_scale * q_scale, 0)
+        scores = exact * gl.expand_dims(scale, 0)
     return scores
 
 
 @gluon.jit
-def _attend_rows(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, q_scale_ptr, k_scale_ptr,
-                 q_scale_offset, k_scale_offset, q_start, kv_end, num_tiles, kv_it, qk_scale, ROWS: gl.constexpr,
-                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr):
-    # One query tile's rows of this partition (4 warps) over every K/V tile, up to the last tile's P.V, which
-    # _finish_rows issues. Returns the accumulator, the last P and the softmax state. QK_INT8: Q and K are int8
-    # with per-64-row scales (SageAttention 1; results in bench/results/int8-attention-h100.md); P.V stays in V's dtype.
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 32 if QK_INT8 else 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+def _first_tile(q_smem, k_smem, k_ready, k_empty, it, scale, s, kv_end, qk_scale, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr, QK_INT8: gl.constexpr):
+    # S_0 = Q.K_0^T of a query tile (ring position it) and its softmax from an empty state; s: registers to reuse.
+    row_s: gl.constexpr = gl.SliceLayout(1, s.type.layout)
+    stage = it % STAGES
+    mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
+    s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s, ))
+    mbarrier.arrive(k_empty.index(stage), count=1)
+    m_i = gl.full([s.shape[0]], float("-inf"), gl.float32, row_s)
+    l_i = gl.full([s.shape[0]], 0.0, gl.float32, row_s)
+    p, m_i, l_i, alpha = _softmax_of_tile(_scores(s, scale, QK_INT8), m_i, l_i, qk_scale, 0, kv_end, BLOCK_N)
+    return s, p, m_i, l_i, alpha
+
+
+@gluon.jit
+def _kv_loop(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, k_scale_ptr, k_scale_offset, q_scale, s, p,
+             alpha, m_i, l_i, acc, kv_it, num_tiles, kv_end, qk_scale, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+             QK_INT8: gl.constexpr):
+    # K/V tiles 1 .. num_tiles-1 of one query tile (tile 0's softmax done), software-pipelined as in FA3: S_j is
+    # issued, then O += P_{j-1}.V_{j-1}, and S_j's softmax runs while that second wgmma is in flight. Stops before
+    # the last P.V. QK_INT8: Q and K are int8 with per-64-row scales (SageAttention 1); P.V stays in V's dtype.
+    o_layout: gl.constexpr = acc.type.layout
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s.type.layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     dtype: gl.constexpr = v_smem.dtype
-
-    q_scale = 1.0
-    if QK_INT8:
-        q_scale = gl.load(q_scale_ptr + q_scale_offset + q_start // 64)
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
-    l_i = gl.full([ROWS], 0.0, gl.float32, row_s)
-    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-    s_init = gl.zeros([ROWS, BLOCK_N], gl.int32 if QK_INT8 else gl.float32, s_layout)
-
-    # Tile 0: S_0 and its softmax; P_0 waits for the next iteration's second wgmma.
-    first = kv_it % STAGES
-    mbarrier.wait(k_ready.index(first), (kv_it // STAGES) & 1)
-    s = warpgroup_mma(q_smem, k_smem.index(first).permute((1, 0)), s_init, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s, ))
-    mbarrier.arrive(k_empty.index(first), count=1)
-    scores = _scores(s, q_scale, k_scale_ptr, k_scale_offset, 0, BLOCK_N, col_s, QK_INT8)
-    if BLOCK_N > kv_end:
-        p, m_i, l_i, alpha = _softmax_update(scores, m_i, l_i, qk_scale, 0, kv_end, True, BLOCK_N, col_s)
-    else:
-        p, m_i, l_i, alpha = _softmax_update(scores, m_i, l_i, qk_scale, 0, kv_end, False, BLOCK_N, col_s)
-
     for j in range(1, num_tiles):
         stage = (kv_it + j) % STAGES
         prev = (kv_it + j - 1) % STAGES
+        scale = _score_scale(k_scale_ptr, k_scale_offset, j * BLOCK_N, q_scale, BLOCK_N, col_s, QK_INT8)
         mbarrier.wait(k_ready.index(stage), ((kv_it + j) // STAGES) & 1)
         # use_acc=False ignores the accumulator's value: passing the spent S_{j-1} reuses its registers instead
         # of keeping a zero tile alive across the loop
@@ -179,48 +218,33 @@ def _attend_rows(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, q_s
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s, ))  # S_j is ready; P_{j-1}.V_{j-1} may still run
-        scores = _scores(s, q_scale, k_scale_ptr, k_scale_offset, j * BLOCK_N, BLOCK_N, col_s, QK_INT8)
-        if (j + 1) * BLOCK_N > kv_end:
-            p, m_i, l_i, alpha = _softmax_update(scores, m_i, l_i, qk_scale, j * BLOCK_N, kv_end, True, BLOCK_N,
-                                                 col_s)
-        else:
-            p, m_i, l_i, alpha = _softmax_update(scores, m_i, l_i, qk_scale, j * BLOCK_N, kv_end, False, BLOCK_N,
-                                                 col_s)
+        mbarrier.arrive(k_empty.index(stage), count=1)  # K_j is read: the loader may refill it during the softmax
+        p, m_i, l_i, alpha = _softmax_of_tile(_scores(s, scale, QK_INT8), m_i, l_i, qk_scale, j * BLOCK_N, kv_end,
+                                              BLOCK_N)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
-        mbarrier.arrive(k_empty.index(stage), count=1)
         mbarrier.arrive(v_empty.index(prev), count=1)
-    return acc, p, alpha, m_i, l_i
+    return acc, s, p, alpha, m_i, l_i
 
 
 @gluon.jit
-def _finish_rows(acc, p, alpha, m_i, l_i, v_smem, v_ready, v_empty, num_tiles, kv_it, out_ptr, lse_ptr, stride_os,
-                 out_offset, lse_offset, q_start, seq_q, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 STAGES: gl.constexpr, RETURN_LSE: gl.constexpr, RELEASE_V: gl.constexpr):
-    # The last tile's P.V, then normalise and store this partition's rows (and their log-sum-exp). RELEASE_V:
-    # hand the last V buffer back (a persistent CTA's loader refills it for the next query tile).
-    o_layout: gl.constexpr = acc.type.layout
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-    dtype: gl.constexpr = v_smem.dtype
-    last_it = kv_it + num_tiles - 1
-    last = last_it % STAGES
-    mbarrier.wait(v_ready.index(last), (last_it // STAGES) & 1)
-    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last), acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc, ))
-    if RELEASE_V:
-        mbarrier.arrive(v_empty.index(last), count=1)
-
+def _store_rows(acc, m_i, l_i, out_ptr, lse_ptr, stride_os, out_offset, lse_offset, q_start, seq_q,
+                ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, RETURN_LSE: gl.constexpr):
+    # Normalise and store this partition's rows (and their log-sum-exp). The wgmma layout gives each thread pairs
+    # of columns, so stores from it fill half of each 32-byte sector (Nsight Compute: 50 % excess sectors); the
+    # tile is moved to 8 consecutive elements per thread first (16-byte stores, whole rows per warp), which was
+    # 1.5-2.5 % faster at 4,224-4,608 tokens (bench/results/attention-h100.md).
+    row_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
     l_o = gl.convert_layout(l_i, row_o)
-    out = acc / gl.expand_dims(l_o, 1)
-    rows = q_start + gl.arange(0, ROWS, layout=row_o)
-    cols = gl.arange(0, HEAD_DIM, layout=col_o)
+    out = gl.convert_layout((acc / gl.expand_dims(l_o, 1)).to(out_ptr.dtype.element_ty), store_layout)
+    rows = q_start + gl.arange(0, ROWS, layout=gl.SliceLayout(1, store_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, store_layout))
     offs = out_offset + gl.expand_dims(rows, 1).to(gl.int64) * stride_os + gl.expand_dims(cols, 0)
-    gl.store(out_ptr + offs, out.to(dtype), mask=gl.expand_dims(rows < seq_q, 1))
+    gl.store(out_ptr + offs, out, mask=gl.expand_dims(rows < seq_q, 1))
     if RETURN_LSE:
+        lse_rows = q_start + gl.arange(0, ROWS, layout=row_o)
         lse = (gl.convert_layout(m_i, row_o) + gl.log2(l_o)) * 0.6931471805599453
-        gl.store(lse_ptr + lse_offset + rows, lse, mask=rows < seq_q)
+        gl.store(lse_ptr + lse_offset + lse_rows, lse, mask=lse_rows < seq_q)
 
 
 @gluon.jit
@@ -230,22 +254,37 @@ def _compute_partition(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                        BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                        RETURN_LSE: gl.constexpr, QK_INT8: gl.constexpr):
     # One query tile per CTA: ROWS of its rows on this warp group.
+    s_layout: gl.constexpr = _scores_layout(BLOCK_N, QK_INT8)
+    o_layout: gl.constexpr = _accumulator_layout(HEAD_DIM)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    q_scale = _q_scale(q_scale_ptr, q_scale_offset, q_start, QK_INT8)
+    scale = _score_scale(k_scale_ptr, k_scale_offset, 0, q_scale, BLOCK_N, col_s, QK_INT8)
+    s = gl.zeros([ROWS, BLOCK_N], gl.int32 if QK_INT8 else gl.float32, s_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     mbarrier.wait(q_bar, 0)
-    acc, p, alpha, m_i, l_i = _attend_rows(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, q_scale_ptr,
-                                           k_scale_ptr, q_scale_offset, k_scale_offset, q_start, kv_end, num_tiles,
-                                           0, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, QK_INT8)
-    _finish_rows(acc, p, alpha, m_i, l_i, v_smem, v_ready, v_empty, num_tiles, 0, out_ptr, lse_ptr, stride_os,
-                 out_offset, lse_offset, q_start, seq_q, ROWS, HEAD_DIM, STAGES, RETURN_LSE, False)
+    s, p, m_i, l_i, alpha = _first_tile(q_smem, k_smem, k_ready, k_empty, 0, scale, s, kv_end, qk_scale, BLOCK_N,
+                                        STAGES, QK_INT8)
+    acc, s, p, alpha, m_i, l_i = _kv_loop(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, k_scale_ptr,
+                                          k_scale_offset, q_scale, s, p, alpha, m_i, l_i, acc, 0, num_tiles, kv_end,
+                                          qk_scale, BLOCK_N, STAGES, QK_INT8)
+    last = (num_tiles - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((num_tiles - 1) // STAGES) & 1)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+    acc = warpgroup_mma(gl.convert_layout(p.to(v_smem.dtype), p_layout), v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc, ))
+    _store_rows(acc, m_i, l_i, out_ptr, lse_ptr, stride_os, out_offset, lse_offset, q_start, seq_q, ROWS, HEAD_DIM,
+                RETURN_LSE)
 
 
 @gluon.jit
-def _load_partition_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty,
+def _load_partition_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
                                v_ready, v_empty, total_tiles, m_tiles, heads, q_rows_b, q_rows_h, q_col_h, k_rows_b,
                                k_rows_h, k_col_h, v_rows_b, v_rows_h, v_col_h, num_tiles, BLOCK_M: gl.constexpr,
                                BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    # Query tiles pid, pid + G, ...: the next tile's Q is loaded as soon as both consumers have issued their last
-    # Q.K^T, and its K/V flow into the ring behind the current tile's, so one tile's epilogue hides the next's
-    # first loads.
+    # Query tiles pid, pid + G, ...: Q into a 2-buffer ring (tile t's Q loads while tile t-1 runs), K/V into the
+    # K/V ring behind the previous tile's, so the consumers can start the next tile before finishing this one.
     kv_it = 0
     t_local = 0
     for tile in range(gl.program_id(0), total_tiles, gl.num_programs(0)):
@@ -253,9 +292,11 @@ def _load_partition_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q
         q_start = (tile % m_tiles) * BLOCK_M
         b = bh // heads
         h = bh % heads
-        mbarrier.wait(q_empty, (t_local & 1) ^ 1)
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b * q_rows_b + h * q_rows_h + q_start, h * q_col_h], q_bar, q_smem)
+        q_buf = t_local % 2
+        mbarrier.wait(q_empty.index(q_buf), ((t_local // 2) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(q_buf), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b * q_rows_b + h * q_rows_h + q_start, h * q_col_h],
+                                        q_ready.index(q_buf), q_smem.index(q_buf))
         _load_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b * k_rows_b + h * k_rows_h,
                        h * k_col_h, b * v_rows_b + h * v_rows_h, h * v_col_h, num_tiles, kv_it, BLOCK_N, STAGES)
         kv_it += num_tiles
@@ -263,35 +304,87 @@ def _load_partition_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q
 
 
 @gluon.jit
-def _compute_partition_persistent(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
+def _compute_partition_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                                   out_ptr, lse_ptr, stride_ob, stride_oh, stride_os, total_tiles, m_tiles, heads,
                                   seq_q, kv_end, num_tiles, qk_scale, q_scale_ptr, k_scale_ptr, q_scale_rows,
                                   k_scale_rows, ROW_OFFSET: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr,
                                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                                   RETURN_LSE: gl.constexpr, QK_INT8: gl.constexpr):
+    # This partition's ROWS of each query tile pid, pid + G, ... The next tile's S_0 is issued before this tile's
+    # last P.V and its softmax runs while that P.V is in flight; the store follows. So the tensor cores stay busy
+    # across tile boundaries, where both partitions would otherwise wait on the same latencies at once.
+    s_layout: gl.constexpr = _scores_layout(BLOCK_N, QK_INT8)
+    o_layout: gl.constexpr = _accumulator_layout(HEAD_DIM)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    dtype: gl.constexpr = v_smem.dtype
+    step = gl.num_programs(0)
+
+    first = gl.program_id(0)
+    bh = first // m_tiles
+    q_scale = _q_scale(q_scale_ptr, bh * q_scale_rows, (first % m_tiles) * BLOCK_M + ROW_OFFSET, QK_INT8)
+    scale = _score_scale(k_scale_ptr, bh * k_scale_rows, 0, q_scale, BLOCK_N, col_s, QK_INT8)
+    s = gl.zeros([ROWS, BLOCK_N], gl.int32 if QK_INT8 else gl.float32, s_layout)
+    mbarrier.wait(q_ready.index(0), 0)
+    s, p, m_i, l_i, alpha = _first_tile(q_smem.index(0).slice(ROW_OFFSET, ROWS), k_smem, k_ready, k_empty, 0, scale, s,
+                                        kv_end, qk_scale, BLOCK_N, STAGES, QK_INT8)
     kv_it = 0
     t_local = 0
-    for tile in range(gl.program_id(0), total_tiles, gl.num_programs(0)):
+    for tile in range(first, total_tiles, step):
         bh = tile // m_tiles
         q_start = (tile % m_tiles) * BLOCK_M + ROW_OFFSET
         b = bh // heads
         h = bh % heads
-        mbarrier.wait(q_bar, t_local & 1)
-        acc, p, alpha, m_i, l_i = _attend_rows(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-                                               q_scale_ptr, k_scale_ptr, bh * q_scale_rows, bh * k_scale_rows,
-                                               q_start, kv_end, num_tiles, kv_it, qk_scale, ROWS, BLOCK_N, HEAD_DIM,
-                                               STAGES, QK_INT8)
-        mbarrier.arrive(q_empty, count=1)  # every Q.K^T of this tile is done: Q may be overwritten
-        _finish_rows(acc, p, alpha, m_i, l_i, v_smem, v_ready, v_empty, num_tiles, kv_it, out_ptr, lse_ptr, stride_os,
-                     b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh, bh.to(gl.int64) * seq_q, q_start,
-                     seq_q, ROWS, HEAD_DIM, STAGES, RETURN_LSE, True)
+        q_buf = t_local % 2
+        q_scale = _q_scale(q_scale_ptr, bh * q_scale_rows, q_start, QK_INT8)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        acc, s, p, alpha, m_i, l_i = _kv_loop(q_smem.index(q_buf).slice(ROW_OFFSET, ROWS), k_smem, v_smem, k_ready,
+                                              k_empty, v_ready, v_empty, k_scale_ptr, bh * k_scale_rows, q_scale, s,
+                                              p, alpha, m_i, l_i, acc, kv_it, num_tiles, kv_end, qk_scale, BLOCK_N,
+                                              STAGES, QK_INT8)
+        mbarrier.arrive(q_empty.index(q_buf), count=1)  # every Q.K^T of this tile is done: its Q may be replaced
+
+        last_it = kv_it + num_tiles - 1
+        last = last_it % STAGES
+        mbarrier.wait(v_ready.index(last), (last_it // STAGES) & 1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        next_tile = tile + step
+        if next_tile < total_tiles:
+            next_bh = next_tile // m_tiles
+            next_q_scale = _q_scale(q_scale_ptr, next_bh * q_scale_rows, (next_tile % m_tiles) * BLOCK_M + ROW_OFFSET,
+                                    QK_INT8)
+            next_scale = _score_scale(k_scale_ptr, next_bh * k_scale_rows, 0, next_q_scale, BLOCK_N, col_s, QK_INT8)
+            next_it = last_it + 1
+            next_stage = next_it % STAGES
+            next_buf = (t_local + 1) % 2
+            mbarrier.wait(q_ready.index(next_buf), ((t_local + 1) // 2) & 1)
+            mbarrier.wait(k_ready.index(next_stage), (next_it // STAGES) & 1)
+            s = warpgroup_mma(q_smem.index(next_buf).slice(ROW_OFFSET, ROWS), k_smem.index(next_stage).permute((1, 0)),
+                              s, use_acc=False, is_async=True)
+            acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s, ))  # the next tile's S_0 is ready; this tile's last P.V may still run
+            mbarrier.arrive(k_empty.index(next_stage), count=1)
+            m_next = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+            l_next = gl.full([ROWS], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
+            p_next, m_next, l_next, alpha_next = _softmax_of_tile(_scores(s, next_scale, QK_INT8), m_next, l_next,
+                                                                  qk_scale, 0, kv_end, BLOCK_N)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+        else:
+            acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            p_next, m_next, l_next, alpha_next = p, m_i, l_i, alpha
+        mbarrier.arrive(v_empty.index(last), count=1)
+        _store_rows(acc, m_i, l_i, out_ptr, lse_ptr, stride_os, b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh,
+                    bh.to(gl.int64) * seq_q, q_start, seq_q, ROWS, HEAD_DIM, RETURN_LSE)
+        p, m_i, l_i, alpha = p_next, m_next, l_next, alpha_next
         kv_it += num_tiles
         t_local += 1
 
 
 @gluon.jit
-def _init_ring_barriers(q_bar, k_ready, k_empty, v_ready, v_empty, STAGES: gl.constexpr):
-    mbarrier.init(q_bar, count=1)
+def _init_ring_barriers(k_ready, k_empty, v_ready, v_empty, STAGES: gl.constexpr):
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=2)  # both consumers hand the buffer back
@@ -313,37 +406,42 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, out_ptr, lse_ptr, stride_ob, stride
     ROWS: gl.constexpr = BLOCK_M // 2
     num_tiles = gl.cdiv(kv_end, BLOCK_N)
 
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    _init_ring_barriers(q_bar, k_ready, k_empty, v_ready, v_empty, STAGES)
+    _init_ring_barriers(k_ready, k_empty, v_ready, v_empty, STAGES)
 
     if PERSISTENT:
-        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_empty, count=2)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)
         m_tiles = gl.cdiv(seq_q, BLOCK_M)
         gl.warp_specialize([
-            (_compute_partition_persistent, (q_smem.slice(0, ROWS), k_smem, v_smem, q_bar, q_empty, k_ready, k_empty,
-                                             v_ready, v_empty, out_ptr, lse_ptr, stride_ob, stride_oh, stride_os,
-                                             total_tiles, m_tiles, heads, seq_q, kv_end, num_tiles, qk_scale,
-                                             q_scale_ptr, k_scale_ptr, q_scale_rows, k_scale_rows, 0, BLOCK_M, ROWS,
-                                             BLOCK_N, HEAD_DIM, STAGES, RETURN_LSE, QK_INT8)),
-            (_compute_partition_persistent, (q_smem.slice(ROWS, ROWS), k_smem, v_smem, q_bar, q_empty, k_ready,
-                                             k_empty, v_ready, v_empty, out_ptr, lse_ptr, stride_ob, stride_oh,
-                                             stride_os, total_tiles, m_tiles, heads, seq_q, kv_end, num_tiles,
-                                             qk_scale, q_scale_ptr, k_scale_ptr, q_scale_rows, k_scale_rows, ROWS,
-                                             BLOCK_M, ROWS, BLOCK_N, HEAD_DIM, STAGES, RETURN_LSE, QK_INT8)),
-            (_load_partition_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
+            (_compute_partition_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                                             v_empty, out_ptr, lse_ptr, stride_ob, stride_oh, stride_os, total_tiles,
+                                             m_tiles, heads, seq_q, kv_end, num_tiles, qk_scale, q_scale_ptr,
+                                             k_scale_ptr, q_scale_rows, k_scale_rows, 0, BLOCK_M, ROWS, BLOCK_N,
+                                             HEAD_DIM, STAGES, RETURN_LSE, QK_INT8)),
+            (_compute_partition_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                                             v_empty, out_ptr, lse_ptr, stride_ob, stride_oh, stride_os, total_tiles,
+                                             m_tiles, heads, seq_q, kv_end, num_tiles, qk_scale, q_scale_ptr,
+                                             k_scale_ptr, q_scale_rows, k_scale_rows, ROWS, BLOCK_M, ROWS, BLOCK_N,
+                                             HEAD_DIM, STAGES, RETURN_LSE, QK_INT8)),
+            (_load_partition_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           k_empty, v_ready, v_empty, total_tiles, m_tiles, heads, q_rows_b, q_rows_h,
                                           q_col_h, k_rows_b, k_rows_h, k_col_h, v_rows_b, v_rows_h, v_col_h,
                                           num_tiles, BLOCK_M, BLOCK_N, STAGES)),
         ], [4, 1], [240, 24])
     else:
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // heads
@@ -537,7 +635,7 @@ def compile_for_sm90(head_dim: int, *, qk_int8: bool = False, stages: int = STAG
     signature = dict(zip(names, types))
     # As the runtime specialises them: 16-byte-aligned pointers, strides divisible by 16.
     aligned = {(names.index(n),): [["tt.divisibility", 16]]
-               for n in ("out_ptr", "lse_ptr", "stride_os", "q_scale_ptr", "k_scale_ptr")}
+               for n in ("out_ptr", "lse_ptr", "stride_ob", "stride_oh", "stride_os", "q_scale_ptr", "k_scale_ptr")}
     src = GluonASTSource(fn=_attn_fwd_hopper, signature=signature, attrs=aligned,
                          constexprs={"HEAD_DIM": head_dim, "STAGES": stages, "RETURN_LSE": True, "QK_INT8": qk_int8,
                                      "PERSISTENT": persistent})
