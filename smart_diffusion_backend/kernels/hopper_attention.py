@@ -23,8 +23,9 @@ Persistent launch (the default, ``PERSISTENT``): at most one CTA per SM, each wa
 buffers: the next tile's Q loads while this one runs, and its S_0 = Q.K_0^T is issued before this tile's last
 P.V, its softmax running under that P.V. ``persistent=False`` keeps the plain grid for comparison.
 
-Measured on H100 (bench/results/attention-h100.md): 1.08-1.17x cuDNN at 32,760 and 75,600 tokens, 0.99-1.01x at
+Measured on H100 (bench/results/attention-h100.md): 1.07-1.17x cuDNN at 32,760 and 75,600 tokens, 0.99-1.03x at
 16,384 and 4,608. Nsight Compute at 4,224 tokens puts 95 % of the consumers' samples in the K/V loop itself.
+FA3's ping-pong (the two consumers' wgmmas in strict turns) was tried and lost 2-3.5 %.
 
 ``QK_INT8`` switches Q.K^T to int8 wgmma on SageAttention-1 inputs (the library's ``quantize_qk``: per-64-row
 scales, K smoothed by its mean), with P.V in V's dtype: ``hopper_int8_attention``, the ``int8`` precision of
@@ -209,13 +210,15 @@ def _kv_loop(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, k_scale
         stage = (kv_it + j) % STAGES
         prev = (kv_it + j - 1) % STAGES
         scale = _score_scale(k_scale_ptr, k_scale_offset, j * BLOCK_N, q_scale, BLOCK_N, col_s, QK_INT8)
+        # O's rescale and P's conversion need neither buffer: done before the waits, the two wgmmas issue back to
+        # back
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
         mbarrier.wait(k_ready.index(stage), ((kv_it + j) // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((kv_it + j - 1) // STAGES) & 1)
         # use_acc=False ignores the accumulator's value: passing the spent S_{j-1} reuses its registers instead
         # of keeping a zero tile alive across the loop
         s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((kv_it + j - 1) // STAGES) & 1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
         acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s, ))  # S_j is ready; P_{j-1}.V_{j-1} may still run
         mbarrier.arrive(k_empty.index(stage), count=1)  # K_j is read: the loader may refill it during the softmax
