@@ -1,4 +1,5 @@
-"""The external reference: diffusers' own pipeline on the same directory, same params, same seed."""
+"""The external reference (diffusers' own pipeline on the same directory, same params, same seed) and the
+relative L2 distance the numeric tests measure against their references."""
 
 from __future__ import annotations
 
@@ -29,3 +30,9 @@ def flux_reference(model, prompt: str, *, height: int, width: int, steps: int, g
         max_sequence_length=model.max_sequence_length,
     ).images[0]
     return np.asarray(image)
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64."""
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()

@@ -13,6 +13,8 @@ from smart_diffusion_backend.attention import BACKEND_NAMES, get_attention_backe
 from smart_diffusion_backend.attention.processors import attention_for, install_attention
 from smart_diffusion_backend.attention.registry import sdpa_attention
 
+from .reference import rel_l2
+
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
@@ -25,10 +27,6 @@ def reference(q, k, v, softmax_scale=None, kv_len=None):
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, -1)
     return torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ v, lse
-
-
-def rel_l2(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make_qkv(batch=2, heads=2, seq_q=19, seq_kv=23, head_dim=16, dtype=torch.float32, seed=0):

@@ -17,11 +17,8 @@ from smart_diffusion_backend.attention.processors import FluxPluggableAttnProces
 from smart_diffusion_backend.params import SystemParams, parse_user_params
 from smart_diffusion_backend.service import load_stage
 
+from .reference import rel_l2
 from .test_wan import ensure_tiny_wan
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def user_params(model, system, **values):

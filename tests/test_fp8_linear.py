@@ -13,7 +13,8 @@ from torch import nn
 from smart_diffusion_backend.params import ConfigError, SystemParams
 from smart_diffusion_backend.quant import FP8_MAX, Fp8Linear, quantize_linears
 
-from .test_attention_backends import rel_l2, tiny_flux, tiny_wan
+from .reference import rel_l2
+from .test_attention_backends import tiny_flux, tiny_wan
 
 
 def e4m3_rows(x: torch.Tensor) -> torch.Tensor:

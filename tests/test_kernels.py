@@ -12,6 +12,8 @@ import torch
 
 from smart_diffusion_backend.kernels import flash_attention, flash_attention_fp8
 
+from .reference import rel_l2
+
 
 @pytest.fixture(autouse=True)
 def triton_interpreter(monkeypatch):
@@ -30,10 +32,6 @@ def reference(q, k, v, softmax_scale=None, kv_len=None):
     lse = torch.logsumexp(scores, -1)
     probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
     return probs @ v, lse
-
-
-def rel_l2(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def make_qkv(batch, heads, seq_q, seq_kv, head_dim, dtype=torch.float32, seed=0):

@@ -19,6 +19,8 @@ from smart_diffusion_backend.parallel import WorkerContext, WorkerPool
 from smart_diffusion_backend.parallel import parallel_state as ps
 from smart_diffusion_backend.parallel.parallel_state import ParallelConfig
 
+from .reference import rel_l2
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TOL = 1e-5
 
@@ -51,10 +53,6 @@ def inner_attention() -> tuple[str, Any]:
     except Exception:  # noqa: BLE001 - registry not there yet, or without LSE on CPU
         pass
     return "tests:exact_attention", exact_attention
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 # ---- tiny models ----------------------------------------------------------------------------------
