@@ -2,7 +2,8 @@
 # Served benchmarks on an offline GPU machine, from the bundle scripts/gpu_carry.sh packs (carry .gpu-carry).
 #   bash scripts/gpu_served_bench.sh STEP...     results go to $OUT (or build/gpu-results)
 # steps: setup (unpack into /tmp/site) · kernels (bench/attention_bench.py: checks, then ours vs cuDNN/flash)
-#        profile (Nsight Compute details of our Hopper kernel at 4,224 tokens, where ncu is installed)
+#        profile (Nsight Compute details of our Hopper kernel at 4,224 tokens, where ncu is installed, and its
+#                 stall samples by code region: bench/ncu_regions.py)
 #        step (bench/transformer_step_bench.py, one-GPU forward; STEP_MODELS, default "flux,wan480")
 #        graphs (sp_bench, Flux 1024² with the whole forward as one CUDA graph, 1 GPU and all of them) · weights (random-weight FLUX.1-dev, bench/random_weights.py)
 #        overhead-1 / overhead-2 (served vs in-process, FLUX.1-dev 1024², 28 steps, 1 and 2 GPUs)
@@ -58,6 +59,8 @@ for step in "$@"; do
         "$ncu" --set full --import-source yes -k regex:_attn_fwd_hopper -c 1 -f -o "$out/attention-4224" \
           python3 bench/attention_bench.py --skip-check --precisions bf16 --sizes 4224 --out "$out/attention-4224.md"
         "$ncu" --import "$out/attention-4224.ncu-rep" --page details > "$out/attention-4224-ncu.txt"
+        "$ncu" --import "$out/attention-4224.ncu-rep" --page source --csv --print-source sass > "$out/attention-4224-source.csv"
+        python3 bench/ncu_regions.py "$out/attention-4224-source.csv" --out "$out/attention-4224-regions.md"
       fi ;;
     graphs)
       gpus=$(nvidia-smi -L | wc -l)
