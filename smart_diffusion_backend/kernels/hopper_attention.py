@@ -152,8 +152,9 @@ def _q_scale(q_scale_ptr, q_scale_offset, q_start, QK_INT8: gl.constexpr):
 @gluon.jit
 def _score_scale(k_scale_ptr, k_scale_offset, col_start, q_scale, BLOCK_N: gl.constexpr, col_layout: gl.constexpr,
                  QK_INT8: gl.constexpr):
-    # QK_INT8: Q's scale times the per-64-key scales of the K tile at col_start, per column. Two scalar loads,
-    # issued before the scores are waited for (a load per column in the softmax's path cost more than int8 saved).
+    # QK_INT8: Q's scale times the per-64-key scales of the K tile at col_start (BLOCK_N = 128: two of them), per
+    # column. Two scalar loads, issued before the scores are waited for; a load per column used to sit on the
+    # softmax's path.
     scale = 1.0
     if QK_INT8:
         first = gl.load(k_scale_ptr + k_scale_offset + col_start // 64) * q_scale
@@ -210,8 +211,7 @@ def _kv_loop(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, k_scale
         stage = (kv_it + j) % STAGES
         prev = (kv_it + j - 1) % STAGES
         scale = _score_scale(k_scale_ptr, k_scale_offset, j * BLOCK_N, q_scale, BLOCK_N, col_s, QK_INT8)
-        # O's rescale and P's conversion need neither buffer: done before the waits, the two wgmmas issue back to
-        # back
+        # O's rescale and P's conversion need neither buffer: done before the waits, the two wgmmas issue back to back
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         mbarrier.wait(k_ready.index(stage), ((kv_it + j) // STAGES) & 1)
@@ -235,7 +235,7 @@ def _store_rows(acc, m_i, l_i, out_ptr, lse_ptr, stride_os, out_offset, lse_offs
     # Normalise and store this partition's rows (and their log-sum-exp). The wgmma layout gives each thread pairs
     # of columns, so stores from it fill half of each 32-byte sector (Nsight Compute: 50 % excess sectors); the
     # tile is moved to 8 consecutive elements per thread first (16-byte stores, whole rows per warp), which was
-    # 1.5-2.5 % faster at 4,224-4,608 tokens (bench/results/attention-h100.md).
+    # 1.5-2.6 % faster at 4,224-4,608 tokens (bench/results/attention-h100.md).
     row_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
     l_o = gl.convert_layout(l_i, row_o)
