@@ -180,18 +180,24 @@ def _scores(s, scale, QK_INT8: gl.constexpr):
 
 
 @gluon.jit
+def _first_softmax(s, scale, qk_scale, kv_end, BLOCK_N: gl.constexpr, QK_INT8: gl.constexpr):
+    # The softmax of a query tile's first K/V tile (S_0 = s), from an empty state.
+    row_s: gl.constexpr = gl.SliceLayout(1, s.type.layout)
+    m_i = gl.full([s.shape[0]], float("-inf"), gl.float32, row_s)
+    l_i = gl.full([s.shape[0]], 0.0, gl.float32, row_s)
+    return _softmax_of_tile(_scores(s, scale, QK_INT8), m_i, l_i, qk_scale, 0, kv_end, BLOCK_N)
+
+
+@gluon.jit
 def _first_tile(q_smem, k_smem, k_ready, k_empty, it, scale, s, kv_end, qk_scale, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr, QK_INT8: gl.constexpr):
     # S_0 = Q.K_0^T of a query tile (ring position it) and its softmax from an empty state; s: registers to reuse.
-    row_s: gl.constexpr = gl.SliceLayout(1, s.type.layout)
     stage = it % STAGES
     mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
     s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
-    m_i = gl.full([s.shape[0]], float("-inf"), gl.float32, row_s)
-    l_i = gl.full([s.shape[0]], 0.0, gl.float32, row_s)
-    p, m_i, l_i, alpha = _softmax_of_tile(_scores(s, scale, QK_INT8), m_i, l_i, qk_scale, 0, kv_end, BLOCK_N)
+    p, m_i, l_i, alpha = _first_softmax(s, scale, qk_scale, kv_end, BLOCK_N, QK_INT8)
     return s, p, m_i, l_i, alpha
 
 
@@ -369,10 +375,7 @@ def _compute_partition_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_re
             acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s, ))  # the next tile's S_0 is ready; this tile's last P.V may still run
             mbarrier.arrive(k_empty.index(next_stage), count=1)
-            m_next = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-            l_next = gl.full([ROWS], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
-            p_next, m_next, l_next, alpha_next = _softmax_of_tile(_scores(s, next_scale, QK_INT8), m_next, l_next,
-                                                                  qk_scale, 0, kv_end, BLOCK_N)
+            p_next, m_next, l_next, alpha_next = _first_softmax(s, next_scale, qk_scale, kv_end, BLOCK_N, QK_INT8)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
         else:
             acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
