@@ -23,9 +23,10 @@ Persistent launch (the default, ``PERSISTENT``): at most one CTA per SM, each wa
 buffers: the next tile's Q loads while this one runs, and its S_0 = Q.K_0^T is issued before this tile's last
 P.V, its softmax running under that P.V. ``persistent=False`` keeps the plain grid for comparison.
 
-Measured on H100 (bench/results/attention-h100.md): 1.07-1.17x cuDNN at 32,760 and 75,600 tokens, 0.99-1.03x at
-16,384 and 4,608. Nsight Compute at 4,224 tokens puts 91 % of the consumers' samples in the K/V loop itself.
-FA3's ping-pong (the two consumers' wgmmas in strict turns) was tried and lost 2-3.5 %.
+Measured on H100 (bench/results/attention-h100.md): 1.07-1.17x cuDNN at 32,760 and 75,600 tokens, 0.96-1.03x at
+16,384 and 0.98-1.01x at 4,608. Nsight Compute at 4,224 tokens puts 91 % of the consumers' samples in the K/V loop
+itself. Tried and left out, with their timings in that file: FA3's ping-pong (the two consumers' wgmmas in strict
+turns; -2 to -3.5 %), and splitting the last, partial wave of query tiles along K/V with an LSE merge (no gain).
 
 ``QK_INT8`` switches Q.K^T to int8 wgmma on SageAttention-1 inputs (the library's ``quantize_qk``: per-64-row
 scales, K smoothed by its mean), with P.V in V's dtype: ``hopper_int8_attention``, the ``int8`` precision of
