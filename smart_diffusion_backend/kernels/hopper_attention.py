@@ -648,23 +648,28 @@ def compile_for_sm90(head_dim: int, *, qk_int8: bool = False, stages: int = STAG
                                      "PERSISTENT": persistent})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = kernel.asm["ptx"]
+    report, sass = _assemble(ptx)
     return {"ptx": ptx, "shared_bytes": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
             "int8_wgmma": ptx.count(".s32.s8.s8"), "tma_loads": ptx.count("cp.async.bulk.tensor"),
-            "ptxas": _ptxas_report(ptx)}
+            "ptxas": report, "sass": sass}
 
 
-def _ptxas_report(ptx: str) -> str:
-    """ptxas -v's register and spill lines for sm_90a, from Triton's bundled ptxas (no GPU needed)."""
+def _assemble(ptx: str) -> tuple[str, str]:
+    """ptxas -v's register and spill lines for sm_90a, and the SASS (nvdisasm), from the ptxas and nvdisasm that
+    Triton bundles (no GPU needed)."""
     import subprocess
     import tempfile
     from pathlib import Path
 
     from triton.backends.nvidia.compiler import get_ptxas
 
+    ptxas = Path(get_ptxas(90).path)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "attention.ptx"
         src.write_text(ptx)
-        done = subprocess.run([get_ptxas(90).path, "--gpu-name", "sm_90a", "-v", str(src), "-o",
+        done = subprocess.run([str(ptxas), "--gpu-name", "sm_90a", "-v", str(src), "-o",
                                str(src.with_suffix(".cubin"))], capture_output=True, text=True, check=True)
-    return " / ".join(line.strip() for line in done.stderr.splitlines() if "spill" in line or "registers" in line)
-
+        sass = subprocess.run([str(ptxas.with_name("nvdisasm")), "-c", str(src.with_suffix(".cubin"))],
+                              capture_output=True, text=True, check=True).stdout
+    report = " / ".join(line.strip() for line in done.stderr.splitlines() if "spill" in line or "registers" in line)
+    return report, sass
