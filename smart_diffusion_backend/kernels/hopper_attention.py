@@ -584,11 +584,11 @@ def _launch_into(views: list[tuple[torch.Tensor, RowView]], q: torch.Tensor, seq
     batch, heads, seq_q, _ = q.shape
     kv_end = seq_kv if kv_len is None else min(int(kv_len), seq_kv)
 
-    def storable(t: torch.Tensor) -> bool:
-        return t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-
-    target = out if out is not None and storable(out) else torch.empty_like(q)
-    if not storable(target):  # q itself has head_dim strided
+    if out is not None and out.stride(-1) == 1 and out.data_ptr() % 16 == 0:
+        target = out
+    elif q.stride(-1) == 1:  # a new tensor laid out like q (the allocator's pointers are aligned)
+        target = torch.empty_like(q)
+    else:  # q itself has head_dim strided
         target = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, heads, seq_q if return_lse else 0), device=q.device, dtype=torch.float32)
     launch(views, target, lse, kv_end=kv_end, return_lse=return_lse, **launch_args)
