@@ -7,6 +7,7 @@ row there names the kernel that ran); bench/results/attention-h100.md holds the 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 
@@ -16,6 +17,7 @@ import torch
 from smart_diffusion_backend.kernels.flash_attention import _QUANT_BLOCK
 from smart_diffusion_backend.kernels.hopper_attention import (
     BLOCK_M,
+    STAGES,
     RowView,
     compile_for_sm90,
     hopper_supports,
@@ -25,6 +27,16 @@ from smart_diffusion_backend.kernels.hopper_attention import (
 # the modules (the package re-exports a function under the first one's name)
 flash_module = importlib.import_module("smart_diffusion_backend.kernels.flash_attention")
 hopper_module = importlib.import_module("smart_diffusion_backend.kernels.hopper_attention")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_once(head_dim: int, qk_int8: bool, stages: int, persistent: bool) -> dict:
+    return compile_for_sm90(head_dim, qk_int8=qk_int8, stages=stages, persistent=persistent)
+
+
+def compiled_for_sm90(head_dim: int, *, qk_int8: bool = False, stages: int = STAGES, persistent: bool = False) -> dict:
+    """compile_for_sm90, once per variant for the whole module (each compile takes seconds)."""
+    return _compiled_once(head_dim, qk_int8, stages, persistent)
 
 
 def test_heads_outer_layout_maps_to_one_row_per_token_and_head():
@@ -65,7 +77,7 @@ def test_cpu_float32_odd_head_dim_and_per_batch_lengths_stay_on_the_portable_ker
 
 @pytest.mark.parametrize("head_dim,persistent", [(64, False), (128, False), (128, True)])
 def test_kernel_compiles_for_sm90_with_tma_and_wgmma(head_dim, persistent):
-    compiled = compile_for_sm90(head_dim, persistent=persistent)
+    compiled = compiled_for_sm90(head_dim, persistent=persistent)
     assert compiled["wgmma"] > 0 and compiled["tma_loads"] > 0 and compiled["int8_wgmma"] == 0
     assert "setmaxnreg" in compiled["ptx"]  # the producer gives its registers to the consumers
     assert "registers" in compiled["ptxas"]  # ptxas assembled it for sm_90a
@@ -84,7 +96,7 @@ def _spill_store_bytes(ptxas_report: str) -> int:
 @pytest.mark.parametrize("stages,persistent", [(2, True), (3, False)])
 def test_int8_qk_variant_compiles_to_int8_wgmma_without_spilling_the_loop(stages, persistent):
     # The SageAttention-1 variant (precision="int8" on sm_90): int8 Q.K^T, bf16 P.V
-    compiled = compile_for_sm90(128, qk_int8=True, stages=stages, persistent=persistent)
+    compiled = compiled_for_sm90(128, qk_int8=True, stages=stages, persistent=persistent)
     assert 0 < compiled["int8_wgmma"] < compiled["wgmma"]
     # A persistent CTA holds two tiles' state where they meet (the next S_0 beside this tile's last P.V): ptxas
     # spills a few words there, not the 64-register tiles (the bf16 kernel's profile at 4,224 tokens counted 96
@@ -128,7 +140,7 @@ def test_kv_loop_keeps_everything_in_registers(int8, persistent):
     # A variant whose K/V loop reloaded the shared-memory base from the stack (2 local loads per iteration, after
     # an unrelated change elsewhere in the kernel) ran 2.5 % slower at 4,224 tokens
     # (bench/results/attention-h100.md): the loop of each consumer partition must not touch local memory.
-    sass = compile_for_sm90(128, qk_int8=int8, persistent=persistent)["sass"]
+    sass = compiled_for_sm90(128, qk_int8=int8, persistent=persistent)["sass"]
     loops = _kv_loops(sass)
     assert len(loops) == 2  # one per consumer partition
     for body in loops:
