@@ -28,7 +28,11 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from smart_diffusion_backend.kernels import flash_attention  # noqa: E402
 from smart_diffusion_backend.kernels.flash_attention import _build_kernels, _launch_bf16  # noqa: E402
-from smart_diffusion_backend.kernels.hopper_attention import hopper_attention, hopper_supports  # noqa: E402
+from smart_diffusion_backend.kernels.hopper_attention import (  # noqa: E402
+    hopper_attention,
+    hopper_int8_attention,
+    hopper_supports,
+)
 
 HEADS_BY_SIZE = {4608: 24, 16384: 24, 32760: 40, 75600: 40}
 TOLERANCE = {"bf16": 1e-2, "int8": 2e-2, "fp8": 2e-2}
@@ -89,7 +93,7 @@ def correctness_checks() -> list[dict]:
                 if kv_len == "tensor":
                     kv_len = torch.tensor([seq_kv - 100, seq_kv - 7], device="cuda", dtype=torch.int32)
                 on_hopper = precision == "bf16" and hopper_supports(q, k, v, kv_len)
-                kernels = ["library"] + (["portable", "hopper_grid"] if on_hopper else [])
+                kernels = ["library"] + (["portable", "hopper_grid", "hopper_persistent"] if on_hopper else [])
                 ref = reference(q, k, v, kv_len=kv_len)
                 lse_ref = None  # float32 log-sum-exp where the score matrix is small enough to build
                 if seq_q * seq_kv <= 4608 * 4608 and batch * heads <= 24 and not isinstance(kv_len, torch.Tensor):
@@ -102,8 +106,9 @@ def correctness_checks() -> list[dict]:
                     out = torch.full_like(q, float("nan"))  # poisoned: any unwritten element fails the check
                     if kernel == "portable":
                         out, lse = _launch_bf16(q, k, v, head_dim ** -0.5, kv_len, True, out, allow_hopper=False)
-                    elif kernel == "hopper_grid":
-                        out, lse = hopper_attention(q, k, v, head_dim ** -0.5, kv_len, True, out, persistent=False)
+                    elif kernel in ("hopper_grid", "hopper_persistent"):
+                        out, lse = hopper_attention(q, k, v, head_dim ** -0.5, kv_len, True, out,
+                                                    persistent=kernel == "hopper_persistent")
                     else:
                         out, lse = flash_attention(q, k, v, kv_len=kv_len, return_lse=True, precision=precision,
                                                    out=out)
@@ -159,10 +164,16 @@ def speed(sizes: list[int], precisions: list[str]) -> list[dict]:
                 portable = lambda: _launch_bf16(q, k, v, scale, None, False, allow_hopper=False)  # noqa: E731
                 portable()
                 results["triton_portable"] = do_bench(portable, warmup=50, rep=rep, return_mode="median")
-                if hopper_supports(q, k, v, None):
-                    grid = lambda: hopper_attention(q, k, v, scale, None, False, persistent=False)  # noqa: E731
-                    grid()
-                    results["ours_hopper_grid"] = do_bench(grid, warmup=50, rep=rep, return_mode="median")
+            if hopper_supports(q, k, v, None) and precision in ("bf16", "int8"):
+                # both launches, whichever persistent_pays chose for the library's row
+                launch = hopper_attention if precision == "bf16" else hopper_int8_attention
+                suffix = "" if precision == "bf16" else "_int8"
+                for persistent in (False, True):
+                    fn = lambda p=persistent: launch(q, k, v, head_dim ** -0.5, None, False,  # noqa: E731
+                                                     persistent=p)
+                    fn()
+                    name = f"ours_hopper{suffix}_{'persistent' if persistent else 'grid'}"
+                    results[name] = do_bench(fn, warmup=50, rep=rep, return_mode="median")
         # The layout diffusers' processors pass: [B, S, H, D] storage seen as [B, H, S, D], no copy.
         qi, ki, vi = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -196,10 +207,11 @@ def write_markdown(path: Path, checks: list[dict], timings: list[dict], command:
         "",
         "## Speed (B=1, head_dim 128, bf16, median of do_bench; TFLOP/s = 4·H·S²·D / t)",
         "",
-        "ours_hopper: the library's default path on H100 (Gluon, hopper_attention.py; persistent: one CTA per SM",
-        "walking the query tiles); ours_hopper_grid: the same kernel with one CTA per query tile; ours_hopper_int8:",
-        "precision int8 on H100 (int8 Q·Kᵀ in the same kernel, quantisation included); triton_*: the Triton-lang",
-        "kernels every other GPU runs; [B,S,H,D] view: the inputs stored [B,S,H,D], passed transposed.",
+        "ours_hopper: the library's default path on H100 (Gluon, hopper_attention.py, launched as persistent_pays",
+        "chooses); ours_hopper_persistent / _grid: the same kernel launched persistent (one CTA per SM walking the",
+        "query tiles) / with one CTA per query tile; ours_hopper_int8: precision int8 on H100 (int8 Q·Kᵀ in the",
+        "same kernel, quantisation included), _int8_persistent / _int8_grid its two launches; triton_*: the",
+        "Triton-lang kernels every other GPU runs; [B,S,H,D] view: the inputs stored [B,S,H,D], passed transposed.",
         "",
         "| S | H | impl | ms | TFLOP/s | × cuDNN |",
         "|---|---|---|---|---|---|",

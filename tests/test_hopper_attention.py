@@ -203,6 +203,7 @@ def test_kernel_stores_only_into_rows_it_can_write(monkeypatch, int8, case):
     # (and for quantize_qk's Triton kernel) and check where the host side has it store, and what it returns.
     stored = []
     monkeypatch.setattr(hopper_module, "launch", lambda views, out, lse, **kwargs: stored.append(out.fill_(1.0)))
+    monkeypatch.setattr(hopper_module, "_l2_bytes", lambda device_index: 50 * 2 ** 20)
     if int8:
         def fake_quantisation(q, k, scale, kv_len, int8):
             buffers = [torch.zeros(t.shape[0] * t.shape[1], 128, t.shape[3], dtype=torch.int8) for t in (q, k)]
@@ -223,3 +224,39 @@ def test_kernel_stores_only_into_rows_it_can_write(monkeypatch, int8, case):
         assert result is out and bool((out == 1).all())  # copied into the caller's tensor
     else:
         assert result is stored[0]
+
+
+@pytest.mark.parametrize("seq_kv,head_dim,dtype,persistent", [
+    (512, 128, torch.bfloat16, True),      # Wan's text keys
+    (4608, 128, torch.bfloat16, True),     # Flux 1024²
+    (32760, 128, torch.bfloat16, True),    # Wan 480p: 16.8 MB of K and V per head, under a third of 50 MiB
+    (49152, 128, torch.bfloat16, False),   # 25.2 MB: measured faster with one CTA per query tile
+    (75600, 128, torch.bfloat16, False),   # Wan 720p
+    (49152, 64, torch.bfloat16, True),     # half the bytes per key
+])
+def test_persistent_launch_while_one_heads_keys_and_values_fit_a_third_of_l2(monkeypatch, seq_kv, head_dim, dtype,
+                                                                            persistent):
+    monkeypatch.setattr(hopper_module, "_l2_bytes", lambda device_index: 50 * 2 ** 20)  # H100's L2
+    k = torch.empty(1, 2, seq_kv, head_dim, dtype=dtype)
+    assert hopper_module.persistent_pays(k, k) is persistent
+
+
+@pytest.mark.parametrize("l2_bytes,expected", [(50 * 2 ** 20, True), (2 ** 20, False)])
+def test_launch_follows_persistent_pays_unless_told(monkeypatch, l2_bytes, expected):
+    # 2,000 keys of head_dim 64: 512 kB of bf16 K and V per head, persistent under a 50 MiB L2, not under a 1 MiB
+    # one; an explicit persistent= wins over the rule, and int8 stays persistent (the rule was measured on bf16)
+    launches = []
+    monkeypatch.setattr(hopper_module, "launch", lambda views, out, lse, **kwargs: launches.append(kwargs))
+    monkeypatch.setattr(hopper_module, "_l2_bytes", lambda device_index: l2_bytes)
+
+    def fake_quantisation(q, k, scale, kv_len, int8):
+        buffers = [torch.zeros(t.shape[0] * t.shape[1], t.shape[2], t.shape[3], dtype=torch.int8) for t in (q, k)]
+        scales = torch.ones(q.shape[0] * q.shape[1], 32)
+        return buffers[0], scales, buffers[1], scales, torch.zeros(q.shape[0], q.shape[1], q.shape[3])
+
+    monkeypatch.setattr(flash_module, "quantize_qk", fake_quantisation)
+    q = torch.zeros(1, 2, 2000, 64, dtype=torch.bfloat16)
+    hopper_module.hopper_attention(q, q, q, 0.125, None, False)
+    hopper_module.hopper_attention(q, q, q, 0.125, None, False, persistent=not expected)
+    hopper_module.hopper_int8_attention(q, q, q, 0.125, None, False)
+    assert [launch["persistent"] for launch in launches] == [expected, not expected, True]

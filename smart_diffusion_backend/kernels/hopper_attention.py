@@ -19,9 +19,11 @@ Structure: one CTA per 128 query rows of one (batch, head), three partitions.
 * O is moved to a layout of 8 consecutive elements per thread before it is stored: from the wgmma layout, each
   store filled half a 32-byte sector (Nsight Compute, bench/results/attention-h100.md).
 
-Persistent launch (the default, ``PERSISTENT``): at most one CTA per SM, each walking query tiles, with Q in two
-buffers: the next tile's Q loads while this one runs, and its S_0 = Q.K_0^T is issued before this tile's last
-P.V, its softmax running under that P.V. ``persistent=False`` keeps the plain grid for comparison.
+Persistent launch (``PERSISTENT``): at most one CTA per SM, each walking query tiles, with Q in two buffers: the
+next tile's Q loads while this one runs, and its S_0 = Q.K_0^T is issued before this tile's last P.V, its softmax
+running under that P.V. The other launch is one CTA per query tile. ``persistent_pays`` picks: the persistent
+one unless one head's K and V take more than a third of the L2, where its CTAs' drift across heads costs DRAM
+traffic (4x the grid's at 75,600 keys).
 
 Measured on H100 (bench/results/attention-h100.md): 1.07-1.17x cuDNN at 32,760 and 75,600 tokens, 0.96-1.03x at
 16,384 and 0.98-1.01x at 4,608. Nsight Compute at 4,224 tokens puts 91 % of the consumers' samples in the K/V loop
@@ -60,7 +62,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.jit import constexpr_function
 
-__all__ = ["hopper_attention", "hopper_int8_attention", "hopper_supports", "HOPPER_HEAD_DIMS"]
+__all__ = ["hopper_attention", "hopper_int8_attention", "hopper_supports", "persistent_pays", "HOPPER_HEAD_DIMS"]
 
 HOPPER_HEAD_DIMS = (64, 128)
 # int32 -> float32 by bit arithmetic in _scores (QK_INT8): 0x4B400000 is float32 1.5 * 2^23 = 12582912.0, whose
@@ -549,21 +551,46 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).L2_cache_size
+
+
+def persistent_pays(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the persistent launch is the one to take for these keys and values (else one CTA per query tile).
+
+    A persistent CTA walks every G-th query tile (G = its grid), so over a long kernel the CTAs drift apart and
+    those running at once read the K/V of more than one head; the grid launch's CTAs are handed out in order by
+    the hardware and stay together. Where one head's K and V outgrow the L2, the drift costs DRAM traffic: at
+    75,600 keys (38.7 MB of K and V per head, 50 MiB of L2) the persistent launch read 36.8 GB from DRAM against
+    the grid's 9.3 GB, at 32,760 (16.8 MB) both read 1.8 GB (Nsight Compute on H100,
+    bench/results/attention-h100.md). Timed there: the grid 1.5-2 % faster at 49,152-75,600 keys, the two even
+    at 32,760, the persistent one ahead on short keys (Wan's 512 text keys: 13 %). Hence the persistent launch
+    while one head's K and V take at most a third of the L2."""
+    kv_bytes = k.shape[2] * (k.shape[3] * k.element_size() + v.shape[3] * v.element_size())
+    return 3 * kv_bytes <= _l2_bytes(k.device.index or 0)
+
+
 def hopper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, kv_len: int | None,
                      return_lse: bool, out: torch.Tensor | None = None,
-                     persistent: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     persistent: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch on validated inputs (see ``hopper_supports``); returns ``(out, lse)``, lse empty unless asked.
-    ``persistent``: one CTA per SM walks the query tiles (the default); False: one CTA per query tile."""
+    ``persistent``: True, one CTA per SM walks the query tiles; False, one CTA per query tile; None (the
+    default), whichever ``persistent_pays`` says."""
     views = [readable(t) for t in (q, k, v)]
+    if persistent is None:
+        persistent = persistent_pays(k, v)
     return _launch_into(views, q, k.shape[2], kv_len, out, return_lse, qk_scale=softmax_scale * _LOG2E,
                         persistent=persistent)
 
 
 def hopper_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-                          kv_len: int | None, return_lse: bool, out: torch.Tensor | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          kv_len: int | None, return_lse: bool, out: torch.Tensor | None = None,
+                          persistent: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 Q.K^T, P.V in v's dtype, on inputs ``hopper_supports`` accepts; returns ``(out, lse)`` like
-    ``hopper_attention``. Q and K are quantised first (``quantize_qk``), V is read in place."""
+    ``hopper_attention``. Q and K are quantised first (``quantize_qk``), V is read in place. ``persistent`` stays
+    on by default: timed both ways (attention-h100.md) neither launch won at every length, so ``persistent_pays``,
+    measured on bf16, is not applied here."""
     from smart_diffusion_backend.kernels.flash_attention import quantize_qk  # flash_attention imports this module
 
     batch, heads = q.shape[:2]
@@ -571,7 +598,7 @@ def hopper_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sof
     # quantize_qk's [B*H, S_pad, D] buffers, seen as heads outer [B, H, S_pad, D]
     q8, k8 = (t.view(batch, heads, t.shape[1], t.shape[2]) for t in (q8, k8))
     out, lse = _launch_into([readable(q8), readable(k8), readable(v)], q, k.shape[2], kv_len, out, return_lse,
-                            qk_scale=1.0, qk_scales=(q_scale, k_scale))
+                            qk_scale=1.0, qk_scales=(q_scale, k_scale), persistent=persistent)
     if return_lse:  # the kernel's lse is of the smoothed scores: add q.mean(k) back
         lse = lse + torch.einsum("bhsd,bhd->bhs", q.float(), k_mean) * softmax_scale
     return out, lse
