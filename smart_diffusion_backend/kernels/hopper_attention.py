@@ -25,7 +25,7 @@ running under that P.V. The other launch is one CTA per query tile. ``persistent
 one unless one head's K and V take more than a third of the L2, where its CTAs' drift across heads costs DRAM
 traffic (4x the grid's at 75,600 keys).
 
-Measured on H100 (bench/results/attention-h100.md): 1.07-1.17x cuDNN at 32,760 and 75,600 tokens, 0.96-1.03x at
+Measured on H100 (bench/results/attention-h100.md): 1.07-1.17x cuDNN at 32,760 and 75,600 tokens, 0.94-1.03x at
 16,384 and 0.98-1.01x at 4,608. Nsight Compute at 4,224 tokens puts 91 % of the consumers' samples in the K/V loop
 itself. Tried and left out, with their timings in that file: FA3's ping-pong (the two consumers' wgmmas in strict
 turns; -2 to -3.5 %), and splitting the last, partial wave of query tiles along K/V with an LSE merge (no gain).
