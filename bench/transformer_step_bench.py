@@ -3,7 +3,9 @@ frames), random bf16 weights (timing does not depend on weight values), in one r
 
     eager diffusers (default SDPA)  |  our triton attention  |  our triton_fp8  |  ours + regional compile
     [| diffusers SDPA + regional compile, with --compile-baseline]
-    | SDPA / ours + fp8_linear (e4m3 GEMMs in the blocks) + regional compile  [unless --no-fp8-linear]
+    | ours + fp8_linear, inputs quantised by inductor | SDPA / ours + fp8_linear (e4m3 GEMMs in the blocks, GELU
+      MLPs fused and attention outputs quantised by kernels/rowwise_fp8.py) + regional compile  [unless
+      --no-fp8-linear]
 
     python bench/transformer_step_bench.py [--models flux,wan480] [--out path.md] [--compile-baseline]
 """
@@ -27,7 +29,7 @@ from diffusers import FluxTransformer2DModel, WanTransformer3DModel  # noqa: E40
 
 from smart_diffusion_backend.attention.compile import compile_repeated_blocks, warm_up_compiled  # noqa: E402
 from smart_diffusion_backend.attention.processors import attention_for, install_attention  # noqa: E402
-from smart_diffusion_backend.quant import quantize_linears  # noqa: E402
+from smart_diffusion_backend.quant import quantize_linears, use_quantisation_kernel  # noqa: E402
 
 WAN14_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
                     out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
@@ -132,7 +134,17 @@ def bench_model(name: str, build, make_inputs, runs: int, compile_baseline: bool
             compile_s = warm_up_compiled(lambda: model(**inputs), runs=1)
         record("diffusers SDPA + compile_repeated_blocks", compile_s=round(compile_s, 1))
     if fp8_linear:  # last: the blocks' Linear layers are replaced in place (system param fp8_linear)
-        replaced = quantize_linears(model)
+        # first with every input quantised by torch ops (inductor's kernels), then as fp8_linear does it: the
+        # GELU MLPs fused and the attention outputs quantised by kernels/rowwise_fp8.py, in the same run
+        replaced = quantize_linears(model, quantisation_kernel=False)
+        install_attention(model, attention_for("triton"))
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            compile_s = warm_up_compiled(lambda: model(**inputs), runs=1)
+            out = model(**inputs)[0].float()
+        record("triton + fp8_linear (quantisation by inductor) + compile_repeated_blocks",
+               compile_s=round(compile_s, 1), rel_l2_vs_eager=round(rel_l2(out, reference), 5))
+        kernel_quantised = use_quantisation_kernel(model)
         for backend in ("triton",) + (("sdpa",) if compile_baseline else ()):
             if backend == "sdpa":
                 model.set_attn_processor(dict(default_processors))  # diffusers pops from the dict it is given
@@ -143,7 +155,7 @@ def bench_model(name: str, build, make_inputs, runs: int, compile_baseline: bool
                 compile_s = warm_up_compiled(lambda: model(**inputs), runs=1)
                 out = model(**inputs)[0].float()
             record(f"{backend} + fp8_linear + compile_repeated_blocks", compile_s=round(compile_s, 1),
-                   fp8_linears=replaced,
+                   fp8_linears=replaced, kernel_quantised=kernel_quantised,
                    rel_l2_vs_eager=round(rel_l2(out, reference), 5))
     rows.append(dict(model=name, peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1)))
     model = inputs = reference = None  # free the GPU memory before the next model

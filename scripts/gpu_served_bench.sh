@@ -4,6 +4,7 @@
 # steps: setup (unpack into /tmp/site) · kernels (bench/attention_bench.py: checks, then ours vs cuDNN/flash)
 #        profile (Nsight Compute details of our Hopper kernel at 4,224 tokens, where ncu is installed, and its
 #                 stall samples by code region: bench/ncu_regions.py)
+#        quant (bench/rowwise_fp8_bench.py: fp8_linear's rowwise quantisation kernel, checks and speed)
 #        step (bench/transformer_step_bench.py, one-GPU forward; STEP_MODELS, default "flux,wan480")
 #        graphs (sp_bench, Flux 1024² with the whole forward as one CUDA graph, 1 GPU and all of them) · weights (random-weight FLUX.1-dev, bench/random_weights.py)
 #        overhead-1 / overhead-2 (served vs in-process, FLUX.1-dev 1024², 28 steps, 1 and 2 GPUs)
@@ -68,6 +69,8 @@ for step in "$@"; do
         ours+compile ours+compile+graph ulysses ulysses+graph ulysses+compile ulysses+compile+graph \
         --out "$out/sp_flux_graphs.jsonl"
       python3 bench/sp_report.py "$out"/sp_flux_graphs.jsonl --out "$out/sp-graphs-report.md" ;;
+    quant)
+      python3 bench/rowwise_fp8_bench.py --out "$out/rowwise-fp8-h100.md" ;;
     step)
       python3 bench/transformer_step_bench.py --models ${STEP_MODELS:-flux,wan480} --runs ${REPEATS:-3} --compile-baseline \
         --out "$out/transformer-step.md" ;;

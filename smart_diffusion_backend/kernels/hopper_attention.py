@@ -28,7 +28,9 @@ traffic (4x the grid's at 75,600 keys).
 Measured on H100 (bench/results/attention-h100.md): 1.07-1.17x cuDNN at 32,760 and 75,600 tokens, 0.94-1.03x at
 16,384 and 0.98-1.01x at 4,608. Nsight Compute at 4,224 tokens puts 91 % of the consumers' samples in the K/V loop
 itself. Tried and left out, with their timings in that file: FA3's ping-pong (the two consumers' wgmmas in strict
-turns; -2 to -3.5 %), and splitting the last, partial wave of query tiles along K/V with an LSE merge (no gain).
+turns; -2 to -3.5 %), splitting the last, partial wave of query tiles along K/V with an LSE merge (no gain), and
+FA3's wider key tile as 128 + 32 or 128 + 64 keys (0.52-0.71x cuDNN: with the wider S and P live, ptxas waits for
+the P.V wgmma before the softmax instead of running it underneath).
 
 ``QK_INT8`` switches Q.K^T to int8 wgmma on SageAttention-1 inputs (the library's ``quantize_qk``: per-64-row
 scales, K smoothed by its mean), with P.V in V's dtype: ``hopper_int8_attention``, the ``int8`` precision of
