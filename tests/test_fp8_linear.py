@@ -120,3 +120,17 @@ def test_fused_mlp_equals_the_unfused_fp8_one(make):
         with torch.inference_mode():
             outputs.append(model(**kwargs)[0])
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_an_mlp_with_dropout_or_another_activation_is_not_fused():
+    from diffusers.models.attention import FeedForward
+
+    from smart_diffusion_backend.quant import fuse_gelu_mlps
+
+    for ff in (FeedForward(32, activation_fn="gelu-approximate", dropout=0.1), FeedForward(32, activation_fn="gelu")):
+        ff.net[0].proj = Fp8Linear(ff.net[0].proj)
+        ff.net[2] = Fp8Linear(ff.net[2])
+        assert fuse_gelu_mlps(ff) == 0 and ff.net[2].input_gelu_bias is None
+    ff = FeedForward(32, activation_fn="gelu-approximate")
+    ff.net[0].proj, ff.net[2] = Fp8Linear(ff.net[0].proj), Fp8Linear(ff.net[2])
+    assert fuse_gelu_mlps(ff) == 1 and fuse_gelu_mlps(ff) == 0  # once

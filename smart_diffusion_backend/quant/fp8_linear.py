@@ -98,8 +98,9 @@ def fuse_gelu_mlps(module: nn.Module) -> int:
         if not isinstance(ff, FeedForward) or len(ff.net) != 3:
             continue
         activation, dropout, second = ff.net
+        # dropout moves in front of the GELU: fused only where it does nothing (p = 0, as in Flux and Wan)
         if not (type(activation) is GELU and activation.approximate == "tanh" and isinstance(dropout, nn.Dropout)
-                and isinstance(activation.proj, Fp8Linear) and isinstance(second, Fp8Linear)
+                and dropout.p == 0 and isinstance(activation.proj, Fp8Linear) and isinstance(second, Fp8Linear)
                 and second.input_gelu_bias is None):
             continue
         first = activation.proj
