@@ -196,6 +196,16 @@ def test_int_to_float_bit_arithmetic_is_exact_over_the_int8_score_range():
     assert str(bits) in source and repr(value) in source
 
 
+def _fake_quantize_qk(q, k, scale, kv_len, int8):
+    """quantize_qk's outputs in shape (Gluon and its Triton kernel cannot run on a CPU): int8 Q and K as
+    [B*H, S padded to 64 rows, D], one scale per 64 rows, and K's mean [B, H, D]."""
+    padded = [-(-t.shape[2] // _QUANT_BLOCK) * _QUANT_BLOCK for t in (q, k)]
+    buffers = [torch.zeros(t.shape[0] * t.shape[1], rows, t.shape[3], dtype=torch.int8)
+               for t, rows in zip((q, k), padded)]
+    scales = [torch.ones(t.shape[0] * t.shape[1], rows // _QUANT_BLOCK) for t, rows in zip((q, k), padded)]
+    return buffers[0], scales[0], buffers[1], scales[1], torch.zeros(q.shape[0], q.shape[1], q.shape[3])
+
+
 @pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
 @pytest.mark.parametrize("case", ["no-out", "out-head-dim-strided", "q-head-dim-strided"])
 def test_kernel_stores_only_into_rows_it_can_write(monkeypatch, int8, case):
@@ -205,12 +215,7 @@ def test_kernel_stores_only_into_rows_it_can_write(monkeypatch, int8, case):
     monkeypatch.setattr(hopper_module, "launch", lambda views, out, lse, **kwargs: stored.append(out.fill_(1.0)))
     monkeypatch.setattr(hopper_module, "_l2_bytes", lambda device_index: 50 * 2 ** 20)
     if int8:
-        def fake_quantisation(q, k, scale, kv_len, int8):
-            buffers = [torch.zeros(t.shape[0] * t.shape[1], 128, t.shape[3], dtype=torch.int8) for t in (q, k)]
-            scales = torch.ones(q.shape[0] * q.shape[1], 2)
-            return buffers[0], scales, buffers[1], scales, torch.zeros(q.shape[0], q.shape[1], q.shape[3])
-
-        monkeypatch.setattr(flash_module, "quantize_qk", fake_quantisation)
+        monkeypatch.setattr(flash_module, "quantize_qk", _fake_quantize_qk)
     q = torch.zeros(1, 2, 100, 64, dtype=torch.bfloat16)
     if case == "q-head-dim-strided":
         q = torch.zeros(1, 64, 2, 100, dtype=torch.bfloat16).permute(0, 2, 3, 1)
@@ -248,13 +253,7 @@ def test_launch_follows_persistent_pays_unless_told(monkeypatch, l2_bytes, expec
     launches = []
     monkeypatch.setattr(hopper_module, "launch", lambda views, out, lse, **kwargs: launches.append(kwargs))
     monkeypatch.setattr(hopper_module, "_l2_bytes", lambda device_index: l2_bytes)
-
-    def fake_quantisation(q, k, scale, kv_len, int8):
-        buffers = [torch.zeros(t.shape[0] * t.shape[1], t.shape[2], t.shape[3], dtype=torch.int8) for t in (q, k)]
-        scales = torch.ones(q.shape[0] * q.shape[1], 32)
-        return buffers[0], scales, buffers[1], scales, torch.zeros(q.shape[0], q.shape[1], q.shape[3])
-
-    monkeypatch.setattr(flash_module, "quantize_qk", fake_quantisation)
+    monkeypatch.setattr(flash_module, "quantize_qk", _fake_quantize_qk)
     q = torch.zeros(1, 2, 2000, 64, dtype=torch.bfloat16)
     hopper_module.hopper_attention(q, q, q, 0.125, None, False)
     hopper_module.hopper_attention(q, q, q, 0.125, None, False, persistent=not expected)
