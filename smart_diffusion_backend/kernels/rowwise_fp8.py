@@ -9,31 +9,27 @@ inductor's 1.58 ms for that step alone, and the forward 37-42 ms faster (bench/r
 transformer-step-wan480-h100.md). The attention output projections' inputs go through it too (0.17 against
 0.25 ms at 32,760 × 5,120): inductor has nothing to fuse their quantisation with there.
 
-``rowwise_fp8(x, bias=None, gelu_tanh=False) -> (q, scale)``: ``x`` is 2-D with contiguous rows; with ``y = x
-(+ bias)``, ``GELU_tanh(y)`` when asked, computed in float32, ``scale = max|y| / 448`` per row (at least 1e-12)
-and ``q = e4m3(y / scale)``: ``q`` is ``[rows, cols]`` float8_e4m3fn, ``scale`` ``[rows, 1]`` float32, the
-operands torch's ``_scaled_mm`` takes. On CUDA it runs the Triton kernel, on the CPU (or past ``MAX_COLUMNS``)
+``rowwise_fp8(x, bias=None, gelu_tanh=False) -> (q, scale)``: ``x`` is 2-D (copied row-major if it is not);
+with ``y = x (+ bias)``, ``GELU_tanh(y)`` when asked, computed in float32, ``scale = max|y| / 448`` per row (at
+least 1e-12) and ``q = e4m3(y / scale)``: ``q`` is ``[rows, cols]`` float8_e4m3fn, ``scale`` ``[rows, 1]``
+float32, the operands torch's ``_scaled_mm`` takes. On CUDA it runs the Triton kernel, on the CPU (or past ``MAX_COLUMNS``)
 the same arithmetic in torch; ``TRITON_INTERPRET=1`` runs the kernel on CPU tensors (tests). Under
 torch.compile it is the custom op ``smart_diffusion::rowwise_fp8``, which inductor leaves whole.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from smart_diffusion_backend.kernels.flash_attention import _interpreting
 
 __all__ = ["rowwise_fp8", "rowwise_fp8_reference", "FP8_MAX", "MAX_COLUMNS"]
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 MIN_SCALE = 1e-12  # an all-zero row keeps a finite scale
 MAX_COLUMNS = 32768  # one row per program, in registers: 64 float32 values per thread at 16 warps
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
 def _rowwise_fp8_kernel(x_ptr, bias_ptr, q_ptr, scale_ptr, n_cols, x_row_stride, q_row_stride,

@@ -71,9 +71,9 @@ class Fp8Linear(nn.Module):
         if rows.shape[0] == 0:  # a sequence-parallel rank may hold no token of a stream (e.g. the text)
             return x.new_empty(*x.shape[:-1], self.out_features)
         if self.input_gelu_bias is not None:
-            quantised, scale = rowwise_fp8(rows.contiguous(), self.input_gelu_bias, gelu_tanh=True)
+            quantised, scale = rowwise_fp8(rows, self.input_gelu_bias, gelu_tanh=True)
         elif self.quantise_input_in_kernel:
-            quantised, scale = rowwise_fp8(rows.contiguous())
+            quantised, scale = rowwise_fp8(rows)
         else:
             quantised, scale = _rowwise(rows)
         out = torch._scaled_mm(quantised, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
