@@ -143,8 +143,11 @@ class SmartDiffusionClient:
         output = output or self.pixel_output(model)
         outputs = [self._module.InferRequestedOutput(output), self._module.InferRequestedOutput("STATS")]
         try:
-            # gRPC: a deadline; HTTP: the request's own timeout, so the server stops work a client gave up on.
-            kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {"timeout": int(self.timeout_s * 1e6)}
+            # The request's own timeout, so the server refuses or stops work a client would give up on; over
+            # gRPC also a deadline, so the client itself gives up then.
+            kwargs = {"timeout": int(self.timeout_s * 1e6)}
+            if self.protocol == "grpc":
+                kwargs["client_timeout"] = self.timeout_s
             result = self._client.infer(self.model_name(model), self._inputs(request), outputs=outputs, **kwargs)
         except Exception as exc:  # tritonclient raises InferenceServerException
             raise _generation_error(exc) from None
@@ -176,7 +179,9 @@ class SmartDiffusionClient:
         finished = False  # the final response (or error) arrived: nothing left to cancel server-side
         try:
             try:
-                self._client.async_stream_infer(self.model_name(model), self._inputs(request))
+                self._client.async_stream_infer(
+                    self.model_name(model), self._inputs(request), timeout=int(self.timeout_s * 1e6)
+                )
             except Exception as exc:  # a broken stream raises InferenceServerException here
                 raise _generation_error(exc) from None
             while True:

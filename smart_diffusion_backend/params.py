@@ -165,6 +165,9 @@ class SystemParams:
     vae_tiling: bool = False
     # Requests waiting per entry model (FIFO) before new ones are refused with UNAVAILABLE; 0 = unbounded.
     max_queue_size: int = 0
+    # The longest a request may wait for a pipeline slot; one predicted to wait longer is refused at
+    # once (UNAVAILABLE), one that did is refused without running. 0 = unbounded.
+    max_queue_delay_s: float = 0.0
 
     @property
     def world_size(self) -> int:
@@ -206,6 +209,7 @@ class SystemParams:
             (self.max_pixels_per_request > 0, "max_pixels_per_request must be > 0"),
             (self.max_steps > 0, "max_steps must be > 0"),
             (self.max_queue_size >= 0, "max_queue_size must be >= 0 (0: unbounded)"),
+            (self.max_queue_delay_s >= 0, "max_queue_delay_s must be >= 0 (0: unbounded)"),
             (
                 not (self.fp8_linear and self.device == "cuda" and self.dtype != "bfloat16"),
                 f"fp8_linear on cuda needs dtype bfloat16 (rowwise-scaled FP8 GEMMs write bf16), got {self.dtype!r}",
@@ -280,13 +284,16 @@ def request_fields_for(model: ModelParams) -> list[str]:
     return names
 
 
-def _scalar(name: str, value: Any, kind: str) -> Any:
-    """One element out of a request tensor, with its dtype checked."""
+def _scalar(name: str, value: Any, kind: str, max_bytes: int) -> Any:
+    """One element out of a request tensor, with its dtype checked; text longer than `max_bytes` is
+    refused before it is decoded."""
     arr = np.asarray(value)
     if arr.size != 1:
         raise ParamError(name, f"expected exactly one element, got shape {list(arr.shape)}")
     item = arr.reshape(-1)[0]
     if kind == "bytes":
+        if isinstance(item, (bytes, np.bytes_, str)) and len(item) > max_bytes:
+            raise ParamError(name, f"has {len(item)} bytes; allowed at most {max_bytes}")
         if isinstance(item, (bytes, np.bytes_)):
             try:
                 return bytes(item).decode("utf-8")
@@ -333,7 +340,8 @@ def parse_user_params(
         if name not in allowed_names:
             raise ParamError(name, f"is only accepted by video models; model {model.name!r} makes {model.task}s")
 
-    got = {REQUEST_FIELDS[n][0]: _scalar(n, v, REQUEST_FIELDS[n][1]) for n, v in values.items()}
+    max_bytes = 4 * model.max_prompt_chars  # UTF-8 takes at most 4 bytes per character
+    got = {REQUEST_FIELDS[n][0]: _scalar(n, v, REQUEST_FIELDS[n][1], max_bytes) for n, v in values.items()}
 
     prompt = got.get("prompt")
     if prompt is None:

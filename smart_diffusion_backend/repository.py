@@ -22,18 +22,20 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .params import REQUEST_FIELDS, ModelParams, SystemParams, project_root, request_fields_for
+from .admission import PIPELINE_SLOTS
+from .params import REQUEST_FIELDS, ConfigError, ModelParams, SystemParams, project_root, request_fields_for
+from .stage_shapes import StageShapes
 
 # What the committed model_repository/ serves: our trained model on the CPU system config.
 DEFAULT_MODEL, DEFAULT_SYSTEM = "shapes-flux", "cpu"
 
 STAGES = ("text_encoder", "denoiser", "vae_decoder")
+GATE = "request_gate"  # the ensemble's first step: validates, and grants the text encoder its request
 ORCHESTRATORS = ("smart_diffusion", "smart_diffusion_stream")
 ENSEMBLE = "smart_diffusion_ensemble"
-ALL_MODELS = (*STAGES, *ORCHESTRATORS, ENSEMBLE)
+ALL_MODELS = (*STAGES, GATE, *ORCHESTRATORS, ENSEMBLE)
 ENTRY_MODELS = (*ORCHESTRATORS, ENSEMBLE)
 STAGE_MODEL_PARAMS = tuple(f"{s}_model" for s in STAGES)  # orchestrator config keys naming the stages
-ORCHESTRATOR_INSTANCES = 4  # while one request is denoising, others encode or decode
 
 _TRITON_DTYPE = {"bytes": "TYPE_STRING", "int": "TYPE_INT32", "float": "TYPE_FP32"}
 
@@ -49,7 +51,7 @@ class PipelineEntry:
     stage_tag: str = ""  # hot upgrade: the new stage models' names get it ("v2_" -> "v2_denoiser")
 
     def name(self, base: str) -> str:
-        tag = self.stage_tag if base in STAGES else ""
+        tag = self.stage_tag if base in (*STAGES, GATE) else ""
         return f"{self.prefix}{tag}{base}"
 
 
@@ -80,8 +82,17 @@ def _pixels(model: ModelParams) -> str:
     return _tensor("IMAGE", "TYPE_UINT8", [-1, -1, 3])
 
 
-def _latent_dims(model: ModelParams) -> list[int]:
-    return [-1] * (5 if model.task == "video" else 4)
+def _stage_dims(model: ModelParams) -> tuple[list[int], list[int], list[int]]:
+    """(PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS, LATENTS) dims: fixed where the weights fix them, so Triton
+    refuses a mismatching tensor before it reaches a stage; all -1 where the weights are not on this host
+    (a repository generated for another machine; the stages still check at load and per request)."""
+    try:
+        shapes = StageShapes.load(model)
+    except ConfigError:
+        return [-1, -1, -1], [-1, -1], [-1] * (5 if model.task == "video" else 4)
+    # A zero-size dim (Wan has no pooled embedding: [2, 0]) is declared -1: Triton takes no 0 in dims.
+    pooled = [d if d else -1 for d in shapes.pooled_dims()]
+    return shapes.embeds_dims(), pooled, shapes.latent_dims()
 
 
 def _queue_policy(max_queue_size: int) -> str:
@@ -101,17 +112,22 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
     system = SystemParams.load(system_config)
     queue = system.max_queue_size
     on_gpu = system.stage_tensors_on_gpu
-    entry_queue = _queue_policy(queue)
-    # Plain and streaming orchestrators each keep at most ORCHESTRATOR_INSTANCES BLS calls waiting.
-    stage_queue = _queue_policy(queue + 2 * ORCHESTRATOR_INSTANCES if queue else 0)
+    # The orchestrators hand every request to their own admission at once (admission.py): it holds the
+    # bound, so Triton's queue in front of them only buffers arrivals and gets none. The ensemble's gate
+    # and the stages are bounded by Triton's queue.
+    queues = {GATE: _queue_policy(queue), **{name: "" for name in ORCHESTRATORS}}
+    # Plain and streaming orchestrators each keep at most PIPELINE_SLOTS BLS calls waiting.
+    stage_queue = _queue_policy(queue + 2 * PIPELINE_SLOTS if queue else 0)
+    queues.update({name: stage_queue for name in STAGES})
     user = request_fields_for(model)
     text_inputs = [n for n in user if n in ("PROMPT", "NEGATIVE_PROMPT")]
     denoise_inputs = [n for n in user if n not in text_inputs]
     common = {"model_config": entry.model_config, "system_config": system_config}
     stage_names = {key: entry.name(s) for key, s in zip(STAGE_MODEL_PARAMS, STAGES)}
+    embeds_dims, pooled_dims, latent_dims = _stage_dims(model)
     embeds = [
-        _tensor("PROMPT_EMBEDS", "TYPE_FP32", [-1, -1, -1]),
-        _tensor("POOLED_PROMPT_EMBEDS", "TYPE_FP32", [-1, -1]),
+        _tensor("PROMPT_EMBEDS", "TYPE_FP32", embeds_dims),
+        _tensor("POOLED_PROMPT_EMBEDS", "TYPE_FP32", pooled_dims),
     ]
     configs: dict[str, str] = {}
 
@@ -119,7 +135,7 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
         # With one GPU rank (SystemParams.stage_tensors_on_gpu) the stages are GPU instances on device 0
         # that take their tensor inputs where Triton holds them: embeddings and latents travel GPU to GPU
         # (CUDA IPC), never via host memory. The orchestrators only relay, on the CPU.
-        gpu_stage = on_gpu and base not in ORCHESTRATORS
+        gpu_stage = on_gpu and base in STAGES
         kind = "kind: KIND_GPU gpus: [ 0 ]" if gpu_stage else "kind: KIND_CPU"
         if gpu_stage and base != "text_encoder":
             params = {**params, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
@@ -128,7 +144,7 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
             + _io("input", inputs)
             + _io("output", outputs)
             + f"instance_group [ {{ count: {count} {kind} }} ]\n"
-            + (entry_queue if base in ORCHESTRATORS else stage_queue)
+            + queues[base]
             + _params({**common, **params})
         )
 
@@ -140,19 +156,21 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
         embeds
         + _user_inputs(model, denoise_inputs, False)
         + [_stats(True), _tensor("PROGRESS_CHANNEL", "TYPE_STRING", [1], optional=True)],
-        [_tensor("LATENTS", "TYPE_FP32", _latent_dims(model)), _stats()],
+        [_tensor("LATENTS", "TYPE_FP32", latent_dims), _stats()],
         1,
     )
     configs["vae_decoder"] = python_model(
         "vae_decoder",
-        [_tensor("LATENTS", "TYPE_FP32", _latent_dims(model)), _stats(True)],
+        [_tensor("LATENTS", "TYPE_FP32", latent_dims), _stats(True)],
         [_pixels(model), _stats()],
         1,
     )
-    # Several orchestrator instances: while one request is denoising, others encode or decode.
+    # One orchestrator instance: it hands each request to its admission at once, which runs up to
+    # PIPELINE_SLOTS of them concurrently (triton_adapter.serve_admitted).
     orchestrator_inputs = _user_inputs(model, user, True)
+    configs[GATE] = python_model(GATE, orchestrator_inputs, [_stats()], 1)
     configs["smart_diffusion"] = python_model(
-        "smart_diffusion", orchestrator_inputs, [_pixels(model), _stats()], ORCHESTRATOR_INSTANCES, **stage_names
+        "smart_diffusion", orchestrator_inputs, [_pixels(model), _stats()], 1, **stage_names
     )
     configs["smart_diffusion_stream"] = python_model(
         "smart_diffusion_stream",
@@ -163,7 +181,7 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
             _pixels(model),
             _stats(),
         ],
-        ORCHESTRATOR_INSTANCES,
+        1,
         extra="model_transaction_policy { decoupled: true }\n",
         **stage_names,
     )
@@ -175,9 +193,10 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
 
     pixels = "VIDEO" if model.task == "video" else "IMAGE"
     steps = [
+        step(GATE, {n: n for n in user}, {"STATS": "grant_stats"}),
         step(
             "text_encoder",
-            {n: n for n in text_inputs},
+            {**{n: n for n in text_inputs}, "STATS": "grant_stats"},
             {"PROMPT_EMBEDS": "prompt_embeds", "POOLED_PROMPT_EMBEDS": "pooled_prompt_embeds", "STATS": "encode_stats"},
         ),
         step(
@@ -265,8 +284,8 @@ def write_upgrade(out_dir: Path, model_config: str, system_config: str, tag: str
     entry = PipelineEntry(model_config, prefix, stage_tag=tag)
     configs = model_configs(entry, system_config)
     version = 1 + max(latest_version(out_dir / entry.name(b)) for b in ENTRY_MODELS if (out_dir / entry.name(b)).is_dir())
-    for base in STAGES:
+    for base in (*STAGES, GATE):
         _write_model(out_dir, entry.name(base), base, configs[base], 1)
     for base in ENTRY_MODELS:
         _write_model(out_dir, entry.name(base), base, configs[base], version)
-    return Upgrade([entry.name(b) for b in STAGES], [entry.name(b) for b in ENTRY_MODELS], version)
+    return Upgrade([entry.name(b) for b in (*STAGES, GATE)], [entry.name(b) for b in ENTRY_MODELS], version)

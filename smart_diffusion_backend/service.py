@@ -31,6 +31,7 @@ import torch
 from .families import DenoiseCancelled, Embeddings, load_stage
 from .params import ModelParams, ParamError, SystemParams, UserParams, parse_user_params
 from .progress import StepReporter
+from .stage_shapes import StageShapes
 from .wire import TEXT_INPUTS, add_stage_time, denoiser_inputs, output_name, read_stats, stats_tensor
 
 
@@ -42,16 +43,21 @@ def load_params(model_name: str, system_name: str) -> tuple[ModelParams, SystemP
     return model, system
 
 
-def _float_tensor(inputs: Mapping[str, Any], name: str, ndim: int) -> torch.Tensor:
-    """A float32 stage tensor (numpy, or torch on any device) checked for dims and finite values."""
+def _stage_input(inputs: Mapping[str, Any], name: str) -> np.ndarray | torch.Tensor:
+    """A stage tensor as it arrived (numpy, or torch on any device), its dtype checked: float32."""
     if name not in inputs:
         raise ParamError(name, "is required")
     value = inputs[name]
     if not isinstance(value, torch.Tensor):
         value = np.asarray(value)  # checked before torch sees it: torch cannot hold every numpy dtype
     is_float32 = value.dtype == (torch.float32 if isinstance(value, torch.Tensor) else np.float32)
-    if not is_float32 or value.ndim != ndim:
-        raise ParamError(name, f"expected FP32 with {ndim} dims, got {value.dtype} shape {list(value.shape)}")
+    if not is_float32:
+        raise ParamError(name, f"expected FP32, got {value.dtype} shape {list(value.shape)}")
+    return value
+
+
+def _finite_tensor(name: str, value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The stage tensor as torch (no copy), refused if any value is NaN or infinite."""
     tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
     if not bool(torch.isfinite(tensor).all()):
         raise ParamError(name, "contains non-finite values")
@@ -109,6 +115,7 @@ class DenoiserService:
 
     def __init__(self, model: ModelParams, system: SystemParams):
         self.model, self.system = model, system
+        self.shapes = StageShapes.load(model)
         self.pool = None
         self.stage = None
         if system.world_size > 1:
@@ -126,15 +133,12 @@ class DenoiserService:
         params = parse_user_params(
             _user_values(inputs, denoiser_inputs(self.model)), self.model, self.system, require_prompt=False
         )
+        prompt, pooled = _stage_input(inputs, "PROMPT_EMBEDS"), _stage_input(inputs, "POOLED_PROMPT_EMBEDS")
+        self.shapes.check_embeddings(prompt.shape, pooled.shape)  # before any value is read
         embeddings = Embeddings(
-            prompt_embeds=_float_tensor(inputs, "PROMPT_EMBEDS", 3),
-            pooled_prompt_embeds=_float_tensor(inputs, "POOLED_PROMPT_EMBEDS", 2),
+            prompt_embeds=_finite_tensor("PROMPT_EMBEDS", prompt),
+            pooled_prompt_embeds=_finite_tensor("POOLED_PROMPT_EMBEDS", pooled),
         )
-        try:
-            embeddings.validate()
-        except ValueError as exc:
-            name, _, message = str(exc).partition(": ")
-            raise ParamError(name, message) from None
         return params, embeddings
 
     def _denoise(
@@ -191,6 +195,7 @@ class DecoderService:
 
     def __init__(self, model: ModelParams, system: SystemParams):
         self.model, self.system = model, system
+        self.shapes = StageShapes.load(model)
         self.pool = None
         self.stage = None
         if system.world_size > 1 and system.vae_tiling and model.task == "image":
@@ -207,7 +212,9 @@ class DecoderService:
     def __call__(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         stats = read_stats(inputs)
-        latents = _float_tensor(inputs, "LATENTS", 5 if self.model.task == "video" else 4)
+        latents = _stage_input(inputs, "LATENTS")
+        self.shapes.check_latents(latents.shape, self.system)  # before any value is read
+        latents = _finite_tensor("LATENTS", latents)
         try:
             pixels = self.pool.decode(latents) if self.pool is not None else self.stage.decode(latents)
         except ValueError as exc:

@@ -17,9 +17,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .admission import PIPELINE_SLOTS, Admission, Job, Refused
 from .params import ConfigError, ParamError, parse_user_params
 from .progress import DenoiseCancelled, StepChannel
-from .wire import STAGE_TENSORS, ms_since, output_name, read_stats, stats_tensor
+from .stage_guard import GRANT_KEY, NEXT_STAGE, GrantError, binding, mint, server_key, take_grant, verify
+from .wire import STAGE_TENSORS, TEXT_INPUTS, ms_since, output_name, read_stats, stats_tensor
 
 logger = logging.getLogger("smart_diffusion")
 
@@ -187,6 +189,10 @@ def error_for(pb, exc: BaseException, model_name: str):
     codes = pb.TritonError
     if isinstance(exc, StageError):
         return pb.TritonError(exc.message, exc.code)
+    if isinstance(exc, GrantError):  # a direct call to an internal stage
+        return pb.TritonError(str(exc), codes.UNSUPPORTED)
+    if isinstance(exc, Refused):  # the admission would not run it: busy, or its deadline cannot be met
+        return pb.TritonError(str(exc), codes.UNAVAILABLE)
     if isinstance(exc, ValueError):  # ParamError and other input checks
         return pb.TritonError(str(exc), codes.INVALID_ARG)
     if isinstance(exc, DenoiseCancelled):
@@ -218,6 +224,130 @@ def execute_each(
             metrics.observe_stage(stage, time.perf_counter() - started)
             metrics.count_responses(responses[-1:])
     return responses
+
+
+class StageGuard:
+    """A stage model's side of stage_guard: admits a request only with a grant for this stage over
+    what it received, and hands its successor a grant over what it produced."""
+
+    def __init__(self, stage: str, pipeline_model: str):
+        self.stage, self.pipeline_model = stage, pipeline_model
+        self.key = server_key()
+
+    def admit(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The request's inputs with STATS stripped of its grant; GrantError without a valid one."""
+        stats, grant = take_grant(inputs.get("STATS"))
+        verify(self.key, self.pipeline_model, self.stage, binding(self.stage, inputs), grant)
+        return {**inputs, "STATS": stats_tensor(stats)}
+
+    def pass_on(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """The outputs with a grant for the next stage over them (none after the last stage)."""
+        following = NEXT_STAGE.get(self.stage)
+        if following is not None:
+            stats = read_stats(outputs)
+            stats[GRANT_KEY] = mint(self.key, self.pipeline_model, following, binding(following, outputs))
+            outputs["STATS"] = stats_tensor(stats)
+        return outputs
+
+    def __call__(self, inputs: Mapping[str, Any], run: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        return self.pass_on(run(self.admit(inputs)))
+
+
+MAX_CHANNEL_ADDRESS_BYTES = 256
+
+
+def progress_channel(pb, request) -> str | None:
+    """The PROGRESS_CHANNEL address an orchestrator sent the denoiser, if any."""
+    tensor = pb.get_input_tensor_by_name(request, "PROGRESS_CHANNEL")
+    if tensor is None:
+        return None
+    raw = tensor.as_numpy().reshape(-1)
+    if raw.size != 1 or not isinstance(raw[0], bytes) or len(raw[0]) > MAX_CHANNEL_ADDRESS_BYTES:
+        raise ParamError("PROGRESS_CHANNEL", f"expected one address of at most {MAX_CHANNEL_ADDRESS_BYTES} bytes")
+    return raw[0].decode("utf-8", errors="replace")
+
+
+def text_encoder_grant(key: bytes, pipeline_model: str, text_inputs: Mapping[str, Any]) -> np.ndarray:
+    """The STATS an entry model sends the text encoder with the text inputs it sends: a grant over them."""
+    return stats_tensor({GRANT_KEY: mint(key, pipeline_model, "text_encoder", binding("text_encoder", text_inputs))})
+
+
+class RequestGate:
+    """The ensemble's entry check (request_gate): the user params parse as they would in the BLS
+    orchestrator, and the text encoder gets a grant over the text inputs the ensemble passes it."""
+
+    def __init__(self, model, system):
+        self.model, self.system = model, system
+        self.key = server_key()
+
+    @classmethod
+    def load(cls, model_config: str, system_config: str) -> "RequestGate":
+        from .params import ModelParams, SystemParams
+
+        return cls(ModelParams.load(model_config), SystemParams.load(system_config))
+
+    def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        parse_user_params(inputs, self.model, self.system)
+        text_inputs = {name: inputs[name] for name in TEXT_INPUTS if name in inputs}
+        return {"STATS": text_encoder_grant(self.key, self.model.name, text_inputs)}
+
+
+def entry_admission(model_setup: ModelSetup, pipeline: "PipelineOrchestrator") -> Admission:
+    system = pipeline.system
+    return Admission(model_setup.name, PIPELINE_SLOTS, system.max_queue_size, system.max_queue_delay_s)
+
+
+def serve_admitted(
+    pb,
+    request,
+    model_setup: ModelSetup,
+    pipeline: "PipelineOrchestrator",
+    admission: Admission,
+    run: Callable[[Any, Any, Job], Mapping[str, Any]],
+    metrics: Any = None,
+) -> None:
+    """An entry model's request, answered through its response sender: bad params at once, then a queued
+    job that the admission runs (`run(params, sender, job)` -> the final outputs) or refuses.
+    execute() returns at once, so Triton's queue stays empty and the arrival time is exact."""
+    sender = request.get_response_sender()
+    started = time.perf_counter()
+
+    def finish(outputs: Mapping[str, Any] | None = None, exc: BaseException | None = None) -> None:
+        final = response(pb, outputs) if exc is None else error_response(pb, exc, model_setup.name)
+        if metrics is not None:
+            metrics.observe_stage("pipeline", time.perf_counter() - started)
+            metrics.count_responses([final])
+        sender.send(final, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    try:
+        params = pipeline.parse(read_inputs(pb, request, model_setup.inputs))
+    except Exception as exc:  # noqa: BLE001 - bad input is this request's error response
+        finish(exc=exc)
+        return
+
+    def run_job() -> None:
+        try:
+            if metrics is not None:
+                with metrics.in_flight():
+                    outputs = run(params, sender, job)
+            else:
+                outputs = run(params, sender, job)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
+            finish(exc=exc)
+            return
+        finish(outputs)
+
+    job = Job(
+        work=pipeline.work(params),
+        run=run_job,
+        refuse=lambda why: finish(exc=why),
+        cancelled=request.is_cancelled,
+        timeout_s=request_timeout_s(request),
+    )
+    try:
+        admission.submit(job)
+    except Refused as why:
+        finish(exc=why)
 
 
 def request_timeout_s(request) -> float | None:
@@ -292,6 +422,12 @@ def text_tensors(params) -> dict[str, np.ndarray]:
 __all__ = [
     "ParamError",
     "StageError",
+    "StageGuard",
+    "PIPELINE_SLOTS",
+    "entry_admission",
+    "serve_admitted",
+    "RequestGate",
+    "text_encoder_grant",
     "call_stage",
     "error_for",
     "error_response",
@@ -347,9 +483,15 @@ class PipelineOrchestrator:
         self.pb, self.model, self.system = pb, model, system
         self.stage_models = dict(stage_models)
         self.output = output_name(model)
+        self.key = server_key()
 
     def parse(self, inputs: Mapping[str, np.ndarray]):
         return parse_user_params(inputs, self.model, self.system)
+
+    @staticmethod
+    def work(params) -> float:
+        """A request's cost in admission units: denoising steps (+1 for encoding and decoding) x pixels."""
+        return float((params.steps + 1) * params.height * params.width * (params.num_frames or 1))
 
     def run(
         self,
@@ -357,19 +499,24 @@ class PipelineOrchestrator:
         on_progress: Callable[[int, int], None] | None = None,
         cancel_check: Callable[[], bool] | None = None,
         timeout_s: float | None = None,
+        arrived: float | None = None,
     ) -> dict[str, Any]:
         """The three BLS calls. `on_progress(step, total)` after every denoising step; a request whose
-        `cancel_check` turns True (client cancel or disconnect) or that runs past `timeout_s` stops
+        `cancel_check` turns True (client cancel or disconnect) or that runs past `timeout_s` (counted from
+        `arrived`, a time.monotonic() reading; default now) stops
         within one denoising step (the denoiser hears it on the step channel), or before the next stage."""
         started = time.perf_counter()
-        stop = _StopCondition(cancel_check, started + timeout_s if timeout_s else None, timeout_s)
+        arrived = time.monotonic() if arrived is None else arrived
+        stop = _StopCondition(cancel_check, arrived + timeout_s if timeout_s else None, timeout_s)
         # Stages on a GPU keep embeddings and latents there between them (the pixels come back to host).
         gpu_outputs = self.system.stage_tensors_on_gpu
         hop_started = time.perf_counter()
+        text_inputs = text_tensors(params)
+        text_inputs["STATS"] = text_encoder_grant(self.key, self.model.name, text_inputs)
         encoded = call_stage(
             self.pb,
             self.stage_models["text_encoder_model"],
-            text_tensors(params),
+            text_inputs,
             ["PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS", "STATS"],
             gpu_outputs=gpu_outputs,
         )
@@ -415,7 +562,7 @@ class _StopCondition:
     def reason(self) -> str | None:
         if self.cancel_check is not None and self.cancel_check():
             return "cancelled by the client"
-        if self.deadline is not None and time.perf_counter() > self.deadline:
+        if self.deadline is not None and time.monotonic() > self.deadline:
             return f"request timeout of {self.timeout_s:g} s exceeded"
         return None
 

@@ -79,6 +79,14 @@ def current_stages(client: Any, entry_model: str) -> list[str]:
         raise UpgradeError(f"{entry_model} names no stage model {exc}: is it a Smart-Diffusion orchestrator?") from None
 
 
+def current_gate(client: Any, ensemble: str) -> str:
+    """The gate model the serving ensemble calls first (request_gate, or a tagged one)."""
+    steps = client.get_model_config(ensemble).get("ensemble_scheduling", {}).get("step", [])
+    if not steps:
+        raise UpgradeError(f"{ensemble} has no ensemble steps: is it a Smart-Diffusion ensemble?")
+    return steps[0]["model_name"]
+
+
 def hot_upgrade(
     http_url: str,
     repository: Path,
@@ -96,7 +104,7 @@ def hot_upgrade(
     try:
         started = time.monotonic()
         seconds: dict[str, float] = {}
-        old_stages = current_stages(client, f"{prefix}{ORCHESTRATORS[0]}")
+        old_stages = current_stages(client, f"{prefix}{ORCHESTRATORS[0]}") + [current_gate(client, f"{prefix}{ENSEMBLE}")]
         entries = [f"{prefix}{b}" for b in ENTRY_MODELS]
         old_versions = {e: [v for v, s in _versions(client, e).items() if s == "READY"] for e in entries}
         old_pids = sorted({p for m in old_stages for p in stub_pids(server_pid, m, repository)})

@@ -168,7 +168,9 @@ def test_grpc_client_timeout_stops_the_request(ops_server):
 
 def test_http_request_timeout_parameter_bounds_the_server_work(ops_server):
     """Triton 2.51's HTTP endpoint does not report a client disconnect; a request's `timeout`
-    parameter (what the client would wait) is enforced by the orchestrator instead."""
+    parameter (what the client would wait) is enforced by the orchestrator instead: refused at once
+    when the admission predicts it cannot finish in time (it has seen requests by now), else stopped
+    within a step once it runs past the timeout."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
@@ -178,20 +180,26 @@ def test_http_request_timeout_parameter_bounds_the_server_work(ops_server):
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     before = cancelled(ops_server)
+    denoised_before = total(metrics(ops_server), "smart_diffusion_requests_total", model="denoiser")
     client = httpclient.InferenceServerClient(ops_server.http_url, network_timeout=120)
+    started = time.monotonic()
     try:
-        with pytest.raises(InferenceServerException, match="request timeout of 1 s exceeded"):
+        with pytest.raises(InferenceServerException) as refused:
             client.infer("smart_diffusion", inputs, timeout=1_000_000)
     finally:
         client.close()
-    assert cancelled(ops_server) > before
+    assert time.monotonic() - started < 0.5, "refused at once, not after waiting"
+    assert refused.value.status() == "503", refused.value.message()
+    assert "exceeds the request's timeout 1 s; refused without running it" in refused.value.message()
+    assert cancelled(ops_server) == before
+    assert total(metrics(ops_server), "smart_diffusion_requests_total", model="denoiser") == denoised_before
 
 
 # -- bounded queue ----------------------------------------------------------------------------
 
 
 def test_a_full_queue_answers_unavailable_and_serving_goes_on(ops_server):
-    """4 orchestrator instances + a queue of 2: of 10 concurrent slow requests, 6 run, the rest get 503."""
+    """4 pipeline slots + a queue of 2: of 10 concurrent slow requests, 6 run, the rest get 503 at once."""
 
     def one(seed: int) -> str:
         try:
@@ -204,7 +212,7 @@ def test_a_full_queue_answers_unavailable_and_serving_goes_on(ops_server):
     with ThreadPoolExecutor(10) as pool:
         outcomes = list(pool.map(one, range(10)))
     refused = [o for o in outcomes if o != "ok"]
-    assert refused and all(o.startswith("503") and "Exceeds maximum queue size" in o for o in refused), outcomes
+    assert refused and all(o.startswith("503") and "the queue's limit" in o for o in refused), outcomes
     assert outcomes.count("ok") >= 4 + QUEUE - 1, outcomes  # -1: a worker thread may start late
     with SmartDiffusionClient(ops_server.http_url) as client:
         assert client.generate("a cat", seed=1, steps=2).image.shape == (64, 64, 3)
@@ -248,7 +256,7 @@ def test_hot_upgrade_under_load_fails_no_request_and_returns_memory(ops_server):
     failed = [o for o in outcomes if o != "ok"]
     assert not failed, failed[:5]
     assert len(outcomes) > served_before > 0
-    assert report.new_stages == ["v2_text_encoder", "v2_denoiser", "v2_vae_decoder"]
+    assert report.new_stages == ["v2_text_encoder", "v2_denoiser", "v2_vae_decoder", "v2_request_gate"]
     assert not [p for p in report.old_stub_pids if Path(f"/proc/{p}").exists() and process_cmdline(p)]
     assert report.rss_after < report.rss_peak
     after = metrics(ops_server)

@@ -67,12 +67,19 @@ def test_services_validate_their_wire_tensors(tiny_flux, cpu_system):
     # Stage tensors leave as float32 torch tensors on the stage's device (they stay there between stages).
     assert isinstance(encoded["PROMPT_EMBEDS"], torch.Tensor)
     assert encoded["PROMPT_EMBEDS"].dtype == torch.float32 and encoded["PROMPT_EMBEDS"].ndim == 3
-    with pytest.raises(ParamError, match="PROMPT_EMBEDS: expected FP32 with 3 dims"):
+    text_len, text_dim = tiny_flux.max_sequence_length, encoded["PROMPT_EMBEDS"].shape[-1]
+    with pytest.raises(ParamError, match=rf"PROMPT_EMBEDS: shape \[{text_len}, {text_dim}\] does not match"):
         denoiser({**encoded, "PROMPT_EMBEDS": encoded["PROMPT_EMBEDS"][0]})
-    with pytest.raises(ParamError, match="PROMPT_EMBEDS: expected FP32 with 3 dims, got float16"):
+    with pytest.raises(ParamError, match="PROMPT_EMBEDS: expected FP32, got float16"):
         denoiser({**encoded, "PROMPT_EMBEDS": encoded["PROMPT_EMBEDS"].numpy().astype(np.float16)})
-    with pytest.raises(ParamError, match="PROMPT_EMBEDS: expected FP32 with 3 dims, got object"):  # not torch's TypeError
+    with pytest.raises(ParamError, match="PROMPT_EMBEDS: expected FP32, got object"):  # not torch's TypeError
         denoiser({**encoded, "PROMPT_EMBEDS": np.array([[[b"x"]]], dtype=np.object_)})
+    # Shapes are refused by their metadata alone: a [1, 100000, D] tensor that is never materialised.
+    huge = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (1, 100_000, text_dim), (0, 0, 0))
+    with pytest.raises(ParamError, match=rf"PROMPT_EMBEDS: shape \[1, 100000, {text_dim}\] does not match this model's \[1, {text_len}, {text_dim}\]"):
+        denoiser({**encoded, "PROMPT_EMBEDS": huge})
+    with pytest.raises(ParamError, match="POOLED_PROMPT_EMBEDS: shape \\[0, "):
+        denoiser({**encoded, "POOLED_PROMPT_EMBEDS": np.zeros((0, encoded["POOLED_PROMPT_EMBEDS"].shape[1]), np.float32)})
     with pytest.raises(ParamError, match="POOLED_PROMPT_EMBEDS: contains non-finite"):
         denoiser({**encoded, "POOLED_PROMPT_EMBEDS": np.full(tuple(encoded["POOLED_PROMPT_EMBEDS"].shape), np.nan, np.float32)})
     with pytest.raises(ParamError, match="POOLED_PROMPT_EMBEDS: contains non-finite"):
@@ -83,8 +90,16 @@ def test_services_validate_their_wire_tensors(tiny_flux, cpu_system):
     from_torch = denoiser({**encoded, **params})["LATENTS"]
     from_numpy = denoiser({**{k: v.numpy() for k, v in encoded.items() if k != "STATS"}, **params})["LATENTS"]
     assert torch.equal(from_torch, from_numpy)
-    with pytest.raises(ParamError, match="LATENTS"):
+    with pytest.raises(ParamError, match=r"LATENTS: shape \[1, 3, 8, 8\] does not match this model's \[1, 16, \*, \*\]"):
         decoder({"LATENTS": np.zeros((1, 3, 8, 8), np.float32)})
+    # [1, 16, 2048, 2048] would decode to 16384² pixels: refused by its shape, never decoded.
+    huge = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (1, 16, 2048, 2048), (0, 0, 0, 0))
+    with pytest.raises(ParamError, match=r"LATENTS: shape \[1, 16, 2048, 2048\]: h=2048 decodes to 16384 pixels; allowed multiples of 2 in \[2, 128\]"):
+        decoder({"LATENTS": huge})
+    with pytest.raises(ParamError, match="LATENTS: shape .* h=7 decodes to 56 pixels"):
+        decoder({"LATENTS": np.zeros((1, 16, 7, 8), np.float32)})
+    with pytest.raises(ParamError, match="LATENTS: contains non-finite"):
+        decoder({"LATENTS": np.full((1, 16, 8, 8), np.nan, np.float32)})
     with pytest.raises(ParamError, match="STATS: is not a JSON object"):
         decoder({"LATENTS": np.zeros((1, 16, 8, 8), np.float32), "STATS": np.array([b"[1]"], dtype=np.object_)})
 

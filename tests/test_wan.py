@@ -190,10 +190,13 @@ def test_services_pass_empty_pooled_embeddings_and_check_5d_latents(tiny_wan, cp
     encoded = TextEncoderService(tiny_wan, cpu_system)({"PROMPT": np.array([b"a cat"], dtype=np.object_)})
     assert encoded["POOLED_PROMPT_EMBEDS"].shape == (2, 0) and encoded["POOLED_PROMPT_EMBEDS"].dtype == torch.float32
     decoder = DecoderService(tiny_wan, cpu_system)
-    with pytest.raises(ParamError, match="LATENTS: expected FP32 with 5 dims"):
+    with pytest.raises(ParamError, match=r"LATENTS: shape \[1, 16, 8, 8\] does not match this model's \[1, 16, \*, \*, \*\]"):
         decoder({"LATENTS": np.zeros((1, 16, 8, 8), np.float32)})
-    with pytest.raises(ParamError, match=r"LATENTS: expected shape \[1, 16, frames, h, w\]"):
+    with pytest.raises(ParamError, match=r"LATENTS: shape \[1, 4, 3, 8, 8\] does not match"):
         decoder({"LATENTS": np.zeros((1, 4, 3, 8, 8), np.float32)})
+    # 30 latent frames decode to 117 frames: past the model's 81, refused by the shape alone.
+    with pytest.raises(ParamError, match=r"LATENTS: shape \[1, 16, 30, 8, 8\]: 30 latent frames; allowed \[1, 21\]"):
+        decoder({"LATENTS": np.zeros((1, 16, 30, 8, 8), np.float32)})
 
 
 BAD_FRAMES = [(0, "out of range"), (8, "4*k+1"), (10_000, "out of range"), (-1, "out of range"), (12, "4*k+1")]

@@ -18,15 +18,19 @@ class TritonPythonModel:
     def initialize(self, args):
         self.setup = adapter.setup(pb_utils, args)
         self.service = adapter.load_service(pb_utils, self.setup, DenoiserService)
+        self.guard = adapter.StageGuard("denoiser", self.service.model.name)
         self.inputs = [n for n in self.setup.inputs if n != "PROGRESS_CHANNEL"]
         self.metrics = ServingMetrics(pb_utils, args, self.setup.name)
 
     def _denoise(self, request):
         inputs = adapter.read_inputs(pb_utils, request, self.inputs)
-        channel = pb_utils.get_input_tensor_by_name(request, "PROGRESS_CHANNEL")
-        address = channel.as_numpy().reshape(-1)[0].decode() if channel is not None else None
+
+        def denoise(admitted):
+            channel = adapter.progress_channel(pb_utils, request)
+            return self.service(admitted, progress_channel=channel, cancel_check=request.is_cancelled)
+
         with self.metrics.in_flight():
-            outputs = self.service(inputs, progress_channel=address, cancel_check=request.is_cancelled)
+            outputs = self.guard(inputs, denoise)
         self.metrics.observe_denoise(read_stats(outputs))
         return outputs
 

@@ -2,6 +2,8 @@
 
 Validates every user param up front (INVALID_ARG naming the field), then calls
 text_encoder -> denoiser -> vae_decoder and returns the image with the merged STATS.
+Requests wait in the admission's bounded queue for one of its pipeline slots; one that cannot
+finish within its `timeout` or the server's max_queue_delay_s is refused at once (UNAVAILABLE).
 A request the client cancels (gRPC cancel or deadline) or that runs past its own `timeout`
 parameter stops within one denoising step.
 """
@@ -16,16 +18,20 @@ class TritonPythonModel:
     def initialize(self, args):
         self.setup, self.pipeline = adapter.load_orchestrator(pb_utils, args)
         self.metrics = ServingMetrics(pb_utils, args, self.setup.name)
-
-    def _generate(self, request):
-        params = self.pipeline.parse(adapter.read_inputs(pb_utils, request, self.setup.inputs))
-        with self.metrics.in_flight():
-            return self.pipeline.run(
-                params, cancel_check=request.is_cancelled, timeout_s=adapter.request_timeout_s(request)
-            )
+        self.admission = adapter.entry_admission(self.setup, self.pipeline)
 
     def execute(self, requests):
-        return adapter.execute_each(pb_utils, requests, self.setup.name, self._generate, self.metrics, "pipeline")
+        for request in requests:
+            adapter.serve_admitted(
+                pb_utils, request, self.setup, self.pipeline, self.admission, self._generate, self.metrics
+            )
+        return None  # answered through each request's response sender
+
+    def _generate(self, params, sender, job):
+        return self.pipeline.run(
+            params, cancel_check=job.cancelled, timeout_s=job.timeout_s, arrived=job.arrived
+        )
 
     def finalize(self):
+        self.admission.close()
         self.metrics.close()

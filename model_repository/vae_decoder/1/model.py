@@ -12,13 +12,14 @@ class TritonPythonModel:
         self.setup = adapter.setup(pb_utils, args)
         self.metrics = ServingMetrics(pb_utils, args, self.setup.name)
         self.service = adapter.load_service(pb_utils, self.setup, DecoderService)
+        self.guard = adapter.StageGuard("vae_decoder", self.service.model.name)
 
     def execute(self, requests):
         return adapter.execute_each(
             pb_utils,
             requests,
             self.setup.name,
-            lambda r: self.service(adapter.read_inputs(pb_utils, r, self.setup.inputs)),
+            lambda r: self.guard(adapter.read_inputs(pb_utils, r, self.setup.inputs), self.service),
             self.metrics,
             "vae_decoder",
         )
