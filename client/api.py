@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from smart_diffusion_backend.wire import FIELDS, encode_request
+
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -53,26 +55,8 @@ class Request:
     seed: int | None = None
 
     def tensors(self) -> dict[str, tuple[np.ndarray, str]]:
-        """Triton input name -> (array, Triton dtype), for the fields that are set."""
-        spec = {
-            "PROMPT": (self.prompt, np.object_, "BYTES"),
-            "NEGATIVE_PROMPT": (self.negative_prompt, np.object_, "BYTES"),
-            "HEIGHT": (self.height, np.int32, "INT32"),
-            "WIDTH": (self.width, np.int32, "INT32"),
-            "NUM_FRAMES": (self.num_frames, np.int32, "INT32"),
-            "STEPS": (self.steps, np.int32, "INT32"),
-            "GUIDANCE_SCALE": (self.guidance_scale, np.float32, "FP32"),
-            "CACHE_RATIO": (self.cache_ratio, np.float32, "FP32"),
-            "SEED": (self.seed, np.int64, "INT64"),
-        }
-        out = {}
-        for name, (value, dtype, triton_dtype) in spec.items():
-            if value is None:
-                continue
-            if dtype is np.object_:
-                value = value.encode("utf-8")
-            out[name] = (np.array([value], dtype=dtype), triton_dtype)
-        return out
+        """Triton input name -> (array, Triton dtype), for the fields that are set (the server's schema)."""
+        return {name: (array, FIELDS[name].dtype.triton) for name, array in encode_request(vars(self)).items()}
 
     def json_inputs(self) -> dict[str, Any]:
         """The same fields for HTTP generate_stream (JSON scalars)."""

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client import GenerationError, Request, SmartDiffusionClient  # noqa: E402
-from smart_diffusion_backend.params import REQUEST_FIELDS  # noqa: E402
+from smart_diffusion_backend.wire import FIELDS  # noqa: E402
 from smart_diffusion_backend.serving import (  # noqa: E402
     TritonServer,
     child_pids,
@@ -58,7 +58,7 @@ def is_invalid_arg(exc: GenerationError, model: str) -> bool:
     the message must name the offending field (`HEIGHT: ...`), as INVALID_ARG messages do."""
     if str(exc.status) in ("400", "StatusCode.INVALID_ARGUMENT"):
         return True
-    fields = (*REQUEST_FIELDS, "HEIGHT*WIDTH")
+    fields = (*FIELDS, "HEIGHT*WIDTH")
     return model == "stream" and exc.status in (None, "None") and any(str(exc).startswith(f"{f}:") for f in fields)
 
 

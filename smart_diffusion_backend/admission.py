@@ -28,13 +28,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .errors import Refused
+
 logger = logging.getLogger(__name__)
 
 PIPELINE_SLOTS = 4  # requests an entry model runs at once: while one is denoising, others encode or decode
-
-
-class Refused(Exception):
-    """A request the admission will not run: the reason is the client's error message (UNAVAILABLE)."""
 
 
 @dataclass

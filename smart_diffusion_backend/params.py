@@ -24,6 +24,9 @@ from typing import Any, Mapping
 import numpy as np
 import yaml
 
+from .errors import ConfigError, ParamError
+from .wire import FIELDS, request_field_names
+
 PROJECT_ROOT_ENV = "SMART_DIFFUSION_HOME"
 
 
@@ -45,18 +48,6 @@ def config_path(kind: str, name_or_path: str) -> Path:
     if name_or_path.endswith((".yaml", ".yml")):
         return resolve_path(name_or_path)
     return project_root() / "configs" / kind / f"{name_or_path}.yaml"
-
-
-class ParamError(ValueError):
-    """A user parameter that is missing, malformed or out of range; maps to Triton INVALID_ARG."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field_name = field_name
-
-
-class ConfigError(ValueError):
-    """A model or system config file that is malformed; fails the model at load time."""
 
 
 @dataclass(frozen=True)
@@ -261,29 +252,6 @@ class UserParams:
         return bool(self.negative_prompt)
 
 
-# Request tensor name -> (UserParams field, expected numpy kind)
-REQUEST_FIELDS: dict[str, tuple[str, str]] = {
-    "PROMPT": ("prompt", "bytes"),
-    "NEGATIVE_PROMPT": ("negative_prompt", "bytes"),
-    "HEIGHT": ("height", "int"),
-    "WIDTH": ("width", "int"),
-    "NUM_FRAMES": ("num_frames", "int"),
-    "STEPS": ("steps", "int"),
-    "GUIDANCE_SCALE": ("guidance_scale", "float"),
-    "CACHE_RATIO": ("cache_ratio", "float"),
-    "SEED": ("seed", "int"),
-}
-VIDEO_ONLY_FIELDS = ("NUM_FRAMES",)
-
-
-def request_fields_for(model: ModelParams) -> list[str]:
-    """Request tensor names a pipeline of this model accepts."""
-    names = list(REQUEST_FIELDS)
-    if model.task != "video":
-        names = [n for n in names if n not in VIDEO_ONLY_FIELDS]
-    return names
-
-
 def _scalar(name: str, value: Any, kind: str, max_bytes: int) -> Any:
     """One element out of a request tensor, with its dtype checked; text longer than `max_bytes` is
     refused before it is decoded."""
@@ -333,15 +301,15 @@ def parse_user_params(
     Absent names take the model's defaults; SEED absent draws a fresh random seed (reported back).
     `require_prompt=False` lets stages that never see the prompt (denoiser, decoder) reuse the checks.
     """
-    allowed_names = request_fields_for(model)
+    allowed_names = request_field_names(model.task)
     for name in values:
-        if name not in REQUEST_FIELDS:
+        if name not in FIELDS:
             raise ParamError(name, f"unknown input; accepted inputs: {', '.join(allowed_names)}")
         if name not in allowed_names:
             raise ParamError(name, f"is only accepted by video models; model {model.name!r} makes {model.task}s")
 
     max_bytes = 4 * model.max_prompt_chars  # UTF-8 takes at most 4 bytes per character
-    got = {REQUEST_FIELDS[n][0]: _scalar(n, v, REQUEST_FIELDS[n][1], max_bytes) for n, v in values.items()}
+    got = {FIELDS[n].attr: _scalar(n, v, FIELDS[n].kind, max_bytes) for n, v in values.items()}
 
     prompt = got.get("prompt")
     if prompt is None:

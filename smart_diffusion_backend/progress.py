@@ -16,14 +16,13 @@ import os
 import socket
 import uuid
 
+from .errors import DenoiseCancelled
+
 _PREFIX = "smart-diffusion/"
 
 
-class DenoiseCancelled(RuntimeError):
-    """Raised by a step callback to stop a request between steps."""
-
-
 _CANCEL = b"cancel"
+_WAKE = b"wake"  # the channel to itself: end a receive() now (no denoiser sends it)
 
 
 def _abstract(name: str) -> str:
@@ -51,6 +50,8 @@ class StepChannel:
             data, peer = self._sock.recvfrom(256)
         except (TimeoutError, socket.timeout):
             return None
+        if data == _WAKE:
+            return None
         if peer:
             self._peer = peer if isinstance(peer, str) else peer.decode()
         message = json.loads(data)
@@ -65,6 +66,14 @@ class StepChannel:
             return True
         except OSError:
             return False
+
+    def wake(self) -> None:
+        """Make a receive() waiting in another thread return None now instead of at its timeout."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waker:
+            try:
+                waker.sendto(_WAKE, _abstract(self.address))
+            except OSError:
+                pass  # the receiver still returns at its timeout
 
     def close(self) -> None:
         self._sock.close()

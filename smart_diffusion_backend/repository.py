@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .admission import PIPELINE_SLOTS
-from .params import REQUEST_FIELDS, ConfigError, ModelParams, SystemParams, project_root, request_fields_for
+from .errors import ConfigError
+from .params import ModelParams, SystemParams, project_root
+from .wire import FIELDS, TENSOR_DTYPES, TEXT_INPUTS, pixel_output, request_field_names
 from .stage_shapes import StageShapes
 
 # What the committed model_repository/ serves: our trained model on the CPU system config.
@@ -37,13 +39,6 @@ ALL_MODELS = (*STAGES, GATE, *ORCHESTRATORS, ENSEMBLE)
 ENTRY_MODELS = (*ORCHESTRATORS, ENSEMBLE)
 STAGE_MODEL_PARAMS = tuple(f"{s}_model" for s in STAGES)  # orchestrator config keys naming the stages
 
-_TRITON_DTYPE = {"bytes": "TYPE_STRING", "int": "TYPE_INT32", "float": "TYPE_FP32"}
-
-
-def _user_input_dtype(name: str) -> str:
-    return "TYPE_INT64" if name == "SEED" else _TRITON_DTYPE[REQUEST_FIELDS[name][1]]
-
-
 @dataclass(frozen=True)
 class PipelineEntry:
     model_config: str  # name under configs/models/ (or a yaml path)
@@ -55,7 +50,9 @@ class PipelineEntry:
         return f"{self.prefix}{tag}{base}"
 
 
-def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
+def _tensor(name: str, dims: list[int], optional: bool = False) -> str:
+    """One config.pbtxt input/output, its data_type from the wire schema."""
+    dtype = (FIELDS[name].dtype if name in FIELDS else TENSOR_DTYPES[name]).config
     opt = " optional: true" if optional else ""
     return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{opt} }}'
 
@@ -69,17 +66,17 @@ def _params(values: dict[str, str]) -> str:
 
 
 def _user_inputs(model: ModelParams, names: list[str], prompt_required: bool) -> list[str]:
-    return [_tensor(n, _user_input_dtype(n), [1], optional=not (prompt_required and n == "PROMPT")) for n in names]
+    return [_tensor(n, [1], optional=not (prompt_required and n == "PROMPT")) for n in names]
 
 
 def _stats(optional: bool = False) -> str:
-    return _tensor("STATS", "TYPE_STRING", [1], optional=optional)
+    return _tensor("STATS", [1], optional=optional)
 
 
 def _pixels(model: ModelParams) -> str:
     if model.task == "video":
-        return _tensor("VIDEO", "TYPE_UINT8", [-1, -1, -1, 3])
-    return _tensor("IMAGE", "TYPE_UINT8", [-1, -1, 3])
+        return _tensor("VIDEO", [-1, -1, -1, 3])
+    return _tensor("IMAGE", [-1, -1, 3])
 
 
 def _stage_dims(model: ModelParams) -> tuple[list[int], list[int], list[int]]:
@@ -119,15 +116,15 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
     # Plain and streaming orchestrators each keep at most PIPELINE_SLOTS BLS calls waiting.
     stage_queue = _queue_policy(queue + 2 * PIPELINE_SLOTS if queue else 0)
     queues.update({name: stage_queue for name in STAGES})
-    user = request_fields_for(model)
-    text_inputs = [n for n in user if n in ("PROMPT", "NEGATIVE_PROMPT")]
+    user = request_field_names(model.task)
+    text_inputs = [n for n in user if n in TEXT_INPUTS]
     denoise_inputs = [n for n in user if n not in text_inputs]
     common = {"model_config": entry.model_config, "system_config": system_config}
     stage_names = {key: entry.name(s) for key, s in zip(STAGE_MODEL_PARAMS, STAGES)}
     embeds_dims, pooled_dims, latent_dims = _stage_dims(model)
     embeds = [
-        _tensor("PROMPT_EMBEDS", "TYPE_FP32", embeds_dims),
-        _tensor("POOLED_PROMPT_EMBEDS", "TYPE_FP32", pooled_dims),
+        _tensor("PROMPT_EMBEDS", embeds_dims),
+        _tensor("POOLED_PROMPT_EMBEDS", pooled_dims),
     ]
     configs: dict[str, str] = {}
 
@@ -155,18 +152,18 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
         "denoiser",
         embeds
         + _user_inputs(model, denoise_inputs, False)
-        + [_stats(True), _tensor("PROGRESS_CHANNEL", "TYPE_STRING", [1], optional=True)],
-        [_tensor("LATENTS", "TYPE_FP32", latent_dims), _stats()],
+        + [_stats(True), _tensor("PROGRESS_CHANNEL", [1], optional=True)],
+        [_tensor("LATENTS", latent_dims), _stats()],
         1,
     )
     configs["vae_decoder"] = python_model(
         "vae_decoder",
-        [_tensor("LATENTS", "TYPE_FP32", latent_dims), _stats(True)],
+        [_tensor("LATENTS", latent_dims), _stats(True)],
         [_pixels(model), _stats()],
         1,
     )
     # One orchestrator instance: it hands each request to its admission at once, which runs up to
-    # PIPELINE_SLOTS of them concurrently (triton_adapter.serve_admitted).
+    # PIPELINE_SLOTS of them concurrently (orchestrator.serve_admitted).
     orchestrator_inputs = _user_inputs(model, user, True)
     configs[GATE] = python_model(GATE, orchestrator_inputs, [_stats()], 1)
     configs["smart_diffusion"] = python_model(
@@ -176,8 +173,8 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
         "smart_diffusion_stream",
         orchestrator_inputs,
         [
-            _tensor("STEP", "TYPE_INT32", [1]),
-            _tensor("TOTAL_STEPS", "TYPE_INT32", [1]),
+            _tensor("STEP", [1]),
+            _tensor("TOTAL_STEPS", [1]),
             _pixels(model),
             _stats(),
         ],
@@ -191,7 +188,7 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
         maps += "".join(f' output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())
         return f'  {{ model_name: "{entry.name(stage)}" model_version: -1{maps} }}'
 
-    pixels = "VIDEO" if model.task == "video" else "IMAGE"
+    pixels = pixel_output(model.task)
     steps = [
         step(GATE, {n: n for n in user}, {"STATS": "grant_stats"}),
         step(

@@ -28,11 +28,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from .families import DenoiseCancelled, Embeddings, load_stage
-from .params import ModelParams, ParamError, SystemParams, UserParams, parse_user_params
+from .errors import DenoiseCancelled, ParamError
+from .families import Embeddings, load_stage
+from .params import ModelParams, SystemParams, UserParams, parse_user_params
 from .progress import StepReporter
 from .stage_shapes import StageShapes
-from .wire import TEXT_INPUTS, add_stage_time, denoiser_inputs, output_name, read_stats, stats_tensor
+from .wire import TEXT_INPUTS, add_stage_time, denoiser_input_names, pixel_output, read_stats, stats_tensor
 
 
 def load_params(model_name: str, system_name: str) -> tuple[ModelParams, SystemParams]:
@@ -131,7 +132,7 @@ class DenoiserService:
 
     def parse(self, inputs: Mapping[str, Any]) -> tuple[UserParams, Embeddings]:
         params = parse_user_params(
-            _user_values(inputs, denoiser_inputs(self.model)), self.model, self.system, require_prompt=False
+            _user_values(inputs, denoiser_input_names(self.model.task)), self.model, self.system, require_prompt=False
         )
         prompt, pooled = _stage_input(inputs, "PROMPT_EMBEDS"), _stage_input(inputs, "POOLED_PROMPT_EMBEDS")
         self.shapes.check_embeddings(prompt.shape, pooled.shape)  # before any value is read
@@ -220,14 +221,13 @@ class DecoderService:
         except ValueError as exc:
             raise ParamError("LATENTS", str(exc)) from None
         return {
-            output_name(self.model): pixels,
+            pixel_output(self.model.task): pixels,
             "STATS": stats_tensor(add_stage_time(stats, self.stage_name, started)),
         }
 
 
 __all__ = [
     "DecoderService",
-    "DenoiseCancelled",
     "DenoiserService",
     "TextEncoderService",
     "load_params",

@@ -32,14 +32,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .errors import GrantError
+
 GRANT_KEY = "grant"  # the STATS field holding the grant
 SECRET_ENV = "SMART_DIFFUSION_SERVER_SECRET"
 # STATS is a small JSON document; anything larger is refused before it is parsed.
 MAX_STATS_BYTES = 64 * 1024
-
-
-class GrantError(PermissionError):
-    """A stage request without a valid grant: it did not come from this server's own models."""
 
 
 def _process_start_ticks(pid: int) -> str:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .params import ConfigError, ModelParams, ParamError, Range, SystemParams
+from .errors import ConfigError, ParamError
+from .params import ModelParams, Range, SystemParams
 
 
 def _read_config(weights: Path, component: str) -> dict[str, Any]:

@@ -23,12 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import UpgradeError
 from .repository import ENSEMBLE, ENTRY_MODELS, ORCHESTRATORS, STAGE_MODEL_PARAMS, write_upgrade
 from .serving import child_pids, process_cmdline, rss_bytes
-
-
-class UpgradeError(RuntimeError):
-    pass
 
 
 @dataclass

@@ -1,26 +1,121 @@
-"""Light helpers for the wire format between stages (no torch: orchestrator processes use them)."""
+"""The wire schema: every tensor that crosses a process boundary, declared once (torch-free).
+
+Request fields (user params), the stage tensors between the Triton models, and the outputs: their
+Triton names, their Triton and numpy dtypes. params.py parses request fields with it, repository.py
+writes config.pbtxt from it, the Triton adapter and the client encode tensors with it, and
+tests/test_wire.py checks that the committed repository and the client agree with it.
+
+    text_encoder: PROMPT, NEGATIVE_PROMPT, STATS            -> PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS, STATS
+    denoiser:     PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS, user params, STATS, PROGRESS_CHANNEL -> LATENTS, STATS
+    vae_decoder:  LATENTS, STATS                            -> IMAGE (or VIDEO), STATS
+    entry models: PROMPT, NEGATIVE_PROMPT, user params     -> IMAGE (or VIDEO), STATS (+ STEP, TOTAL_STEPS streamed)
+
+STATS is one JSON document that every stage extends (timings, seed, cache counters) and that carries
+the stage grants (stage_guard.py).
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
-from .params import ModelParams, ParamError, request_fields_for
+from .errors import ParamError
 
+
+@dataclass(frozen=True)
+class WireDtype:
+    triton: str  # the protocol's name: what tritonclient's InferInput takes
+    numpy: type
+
+    @property
+    def config(self) -> str:
+        """The config.pbtxt data_type."""
+        return "TYPE_STRING" if self.triton == "BYTES" else f"TYPE_{self.triton}"
+
+
+BYTES = WireDtype("BYTES", np.object_)
+INT32 = WireDtype("INT32", np.int32)
+INT64 = WireDtype("INT64", np.int64)
+FP32 = WireDtype("FP32", np.float32)
+UINT8 = WireDtype("UINT8", np.uint8)
+
+
+@dataclass(frozen=True)
+class RequestField:
+    """One user param: its request tensor (one element) and the UserParams attribute it fills."""
+
+    name: str
+    attr: str
+    dtype: WireDtype
+    video_only: bool = False
+
+    @property
+    def kind(self) -> str:
+        """How params.py reads it: "bytes", "int" or "float"."""
+        return {"BYTES": "bytes", "FP32": "float"}.get(self.dtype.triton, "int")
+
+    def encode(self, value: Any) -> np.ndarray:
+        """A Python value -> this field's one-element request tensor."""
+        if self.dtype is BYTES:
+            value = value.encode("utf-8") if isinstance(value, str) else value
+        return np.array([value], dtype=self.dtype.numpy)
+
+
+REQUEST_FIELDS: tuple[RequestField, ...] = (
+    RequestField("PROMPT", "prompt", BYTES),
+    RequestField("NEGATIVE_PROMPT", "negative_prompt", BYTES),
+    RequestField("HEIGHT", "height", INT32),
+    RequestField("WIDTH", "width", INT32),
+    RequestField("NUM_FRAMES", "num_frames", INT32, video_only=True),
+    RequestField("STEPS", "steps", INT32),
+    RequestField("GUIDANCE_SCALE", "guidance_scale", FP32),
+    RequestField("CACHE_RATIO", "cache_ratio", FP32),
+    RequestField("SEED", "seed", INT64),
+)
+FIELDS: dict[str, RequestField] = {f.name: f for f in REQUEST_FIELDS}
 TEXT_INPUTS = ("PROMPT", "NEGATIVE_PROMPT")
+
+# Tensors between the stages and out of the pipeline (dims are per model: repository.py, stage_shapes.py)
 EMBEDDING_TENSORS = ("PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS")
 STAGE_TENSORS = (*EMBEDDING_TENSORS, "LATENTS")  # may stay in GPU memory between the stages
+TENSOR_DTYPES: dict[str, WireDtype] = {
+    "PROMPT_EMBEDS": FP32,
+    "POOLED_PROMPT_EMBEDS": FP32,
+    "LATENTS": FP32,
+    "STATS": BYTES,
+    "PROGRESS_CHANNEL": BYTES,
+    "IMAGE": UINT8,
+    "VIDEO": UINT8,
+    "STEP": INT32,
+    "TOTAL_STEPS": INT32,
+}
 
 
-def denoiser_inputs(model: ModelParams) -> list[str]:
-    return [n for n in request_fields_for(model) if n not in TEXT_INPUTS]
+def request_field_names(task: str) -> list[str]:
+    """The request tensors a pipeline of this task ("image" or "video") accepts, in schema order."""
+    return [f.name for f in REQUEST_FIELDS if task == "video" or not f.video_only]
 
 
-def output_name(model: ModelParams) -> str:
-    return "VIDEO" if model.task == "video" else "IMAGE"
+def denoiser_input_names(task: str) -> list[str]:
+    return [n for n in request_field_names(task) if n not in TEXT_INPUTS]
+
+
+def pixel_output(task: str) -> str:
+    return "VIDEO" if task == "video" else "IMAGE"
+
+
+def encode_request(values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """UserParams-style values by attribute name (None = not sent) -> request tensors by Triton name."""
+    return {f.name: f.encode(values[f.attr]) for f in REQUEST_FIELDS if values.get(f.attr) is not None}
+
+
+def progress_tensors(step: int, total: int) -> dict[str, np.ndarray]:
+    """A streamed progress response."""
+    return {"STEP": np.array([step], INT32.numpy), "TOTAL_STEPS": np.array([total], INT32.numpy)}
 
 
 # --------------------------------------------------------------------------------------------

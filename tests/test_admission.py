@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from smart_diffusion_backend.admission import Admission, Job, Refused
+from smart_diffusion_backend.admission import Admission, Job
+from smart_diffusion_backend.errors import Refused
 
 
 class Recorder:

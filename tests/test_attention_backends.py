@@ -11,7 +11,7 @@ from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
 from smart_diffusion_backend.attention import BACKEND_NAMES, get_attention_backend, list_attention_backends
 from smart_diffusion_backend.attention.processors import attention_for, install_attention
-from smart_diffusion_backend.attention.registry import sdpa_attention
+from smart_diffusion_backend.attention.registry import BACKEND_ALIASES, sdpa_attention
 
 from .reference import rel_l2
 
@@ -36,7 +36,7 @@ def make_qkv(batch=2, heads=2, seq_q=19, seq_kv=23, head_dim=16, dtype=torch.flo
 
 # ---- registry ---------------------------------------------------------------------------------------------
 def test_registry_names_and_constraints():
-    assert BACKEND_NAMES == ("sdpa", "triton", "triton_fp8", "flash_attn")
+    assert BACKEND_NAMES == ("sdpa", "triton", "triton_int8", "flash_attn")
     for backend in list_attention_backends():
         assert backend.supports_lse
         available, reason = backend.is_available()
@@ -46,14 +46,31 @@ def test_registry_names_and_constraints():
     with pytest.raises(ValueError, match="head_dim"):
         get_attention_backend("triton").check_inputs(*make_qkv(head_dim=512))
     with pytest.raises(ValueError, match="dtypes"):
-        get_attention_backend("triton_fp8").check_inputs(*make_qkv())
+        get_attention_backend("triton_int8").check_inputs(*make_qkv())
 
 
 def test_unknown_backend_lists_valid_names():
-    with pytest.raises(ValueError, match="sdpa, triton, triton_fp8, flash_attn"):
+    with pytest.raises(ValueError, match="sdpa, triton, triton_int8, flash_attn"):
         get_attention_backend("xformers")
     with pytest.raises(ValueError, match="valid names"):
         attention_for("xformers")
+
+
+def test_triton_fp8_is_an_alias_of_triton_int8(monkeypatch):
+    # the backend's former name: system configs that still say triton_fp8 get the same backend
+    assert BACKEND_ALIASES == {"triton_fp8": "triton_int8"} and "triton_fp8" not in BACKEND_NAMES
+    assert get_attention_backend("triton_fp8") is get_attention_backend("triton_int8")
+    assert get_attention_backend("triton_fp8").name == "triton_int8"
+    with pytest.raises(ValueError, match="triton_fp8 -> triton_int8"):
+        get_attention_backend("triton_fp4")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = make_qkv(dtype=torch.bfloat16)
+    out, lse = attention_for("triton_fp8")(q, k, v, kv_len=20, return_lse=True)
+    int8_out, int8_lse = attention_for("triton_int8")(q, k, v, kv_len=20, return_lse=True)
+    assert torch.equal(out, int8_out) and torch.equal(lse, int8_lse)
+    ref, ref_lse = reference(q, k, v, kv_len=20)
+    assert rel_l2(out, ref) <= 2e-2
+    assert (lse.double() - ref_lse).abs().max().item() <= 5e-2
 
 
 def test_triton_unavailable_on_cpu_without_interpreter(monkeypatch):

@@ -23,7 +23,8 @@ from smart_diffusion_backend.cache import (
 from smart_diffusion_backend.cache.loops import flux_denoise, wan_denoise
 from smart_diffusion_backend.cache.session import _newton
 from smart_diffusion_backend.families.base import Embeddings
-from smart_diffusion_backend.params import ConfigError, UserParams
+from smart_diffusion_backend.errors import ConfigError
+from smart_diffusion_backend.params import UserParams
 
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 STEPS = 16

@@ -11,9 +11,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from smart_diffusion_backend.params import REQUEST_FIELDS, ParamError, UserParams, parse_user_params
+from smart_diffusion_backend.errors import ParamError
+from smart_diffusion_backend.params import UserParams, parse_user_params
+from smart_diffusion_backend.wire import FIELDS, request_field_names
 
-NAMES = [n for n in REQUEST_FIELDS if n != "NUM_FRAMES"]
+NAMES = request_field_names("image")
 TRITON_DTYPES = {
     "BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "FP64": np.float64,
     "FP16": np.float16, "UINT8": np.uint8, "INT8": np.int8, "BOOL": np.bool_,
@@ -69,7 +71,7 @@ def request_tensors(draw) -> dict[str, tuple[str, np.ndarray]]:
     mutated = draw(st.sampled_from(names)) if names and draw(st.integers(0, 9)) < 8 else None
     tensors = {}
     for name in names:
-        kind = REQUEST_FIELDS.get(name, ("", "int"))[1]
+        kind = FIELDS[name].kind if name in FIELDS else "int"
         usual = {"bytes": "BYTES", "int": "INT64" if name == "SEED" else "INT32", "float": "FP32"}[kind]
         dtype, shape = usual, [1]
         if name == mutated:

@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from smart_diffusion_backend.kernels.flash_attention import _QUANT_BLOCK
+from smart_diffusion_backend.kernels.common import QUANT_BLOCK
 from smart_diffusion_backend.kernels.hopper_attention import (
     BLOCK_M,
     STAGES,
@@ -24,7 +24,8 @@ from smart_diffusion_backend.kernels.hopper_attention import (
     row_view,
 )
 
-# the modules (the package re-exports a function under the first one's name)
+# the modules (the package re-exports a function under the portable module's name)
+dispatch_module = importlib.import_module("smart_diffusion_backend.kernels.attention")
 flash_module = importlib.import_module("smart_diffusion_backend.kernels.flash_attention")
 hopper_module = importlib.import_module("smart_diffusion_backend.kernels.hopper_attention")
 
@@ -150,16 +151,16 @@ def test_kv_loop_keeps_everything_in_registers(int8, persistent):
 
 def test_one_q_scale_per_consumer_partition():
     # quantize_qk's scale blocks must match the 64 query rows a consumer partition owns
-    assert _QUANT_BLOCK == BLOCK_M // 2
+    assert QUANT_BLOCK == BLOCK_M // 2
 
 
 @pytest.mark.parametrize("precision,routed", [("int8", True), ("fp8", False)])
 def test_quantised_calls_take_the_hopper_kernel_only_for_int8(monkeypatch, precision, routed):
     # Gluon cannot run on a CPU: stand in for the sm_90 check and the launch, keep the routing real.
     calls = []
-    monkeypatch.setattr(flash_module, "_interpreting", lambda: False)
-    monkeypatch.setattr(hopper_module, "hopper_supports", lambda q, k, v, kv_len: True)
-    monkeypatch.setattr(hopper_module, "hopper_int8_attention", lambda *args: calls.append(args) or (args[0], None))
+    monkeypatch.setattr(dispatch_module, "interpreting", lambda: False)
+    monkeypatch.setattr(dispatch_module, "hopper_supports", lambda q, k, v, kv_len: True)
+    monkeypatch.setattr(dispatch_module, "hopper_int8_attention", lambda *args: calls.append(args) or (args[0], None))
     q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
 
     class PortablePath(Exception):
@@ -170,12 +171,27 @@ def test_quantised_calls_take_the_hopper_kernel_only_for_int8(monkeypatch, preci
 
     monkeypatch.setattr(flash_module, "quantize_qk", portable_quantisation)
     if routed:
-        flash_module._launch_quantized(q, q, q, 0.125, 7, True, precision)
+        dispatch_module._launch_quantized(q, q, q, 0.125, 7, True, precision)
         assert len(calls) == 1 and calls[0][3:6] == (0.125, 7, True)
     else:
         with pytest.raises(PortablePath):
-            flash_module._launch_quantized(q, q, q, 0.125, 7, True, precision)
+            dispatch_module._launch_quantized(q, q, q, 0.125, 7, True, precision)
         assert calls == []
+
+
+@pytest.mark.parametrize("interpreter,supported,taken", [(False, True, "hopper"), (False, False, "portable"),
+                                                         (True, True, "portable")])
+def test_bf16_calls_take_the_hopper_kernel_where_it_fits(monkeypatch, interpreter, supported, taken):
+    # the dispatcher's choice alone: both kernels stood in for
+    calls = []
+    monkeypatch.setattr(dispatch_module, "interpreting", lambda: interpreter)
+    monkeypatch.setattr(dispatch_module, "hopper_supports", lambda q, k, v, kv_len: supported)
+    monkeypatch.setattr(dispatch_module, "hopper_attention", lambda *args: calls.append("hopper") or (args[0], None))
+    monkeypatch.setattr(dispatch_module, "portable_attention",
+                        lambda *args: calls.append("portable") or (args[0], None))
+    q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
+    dispatch_module._launch_bf16(q, q, q, 0.125, None, False)
+    assert calls == [taken]
 
 
 def test_int_to_float_bit_arithmetic_is_exact_over_the_int8_score_range():
@@ -199,10 +215,10 @@ def test_int_to_float_bit_arithmetic_is_exact_over_the_int8_score_range():
 def _fake_quantize_qk(q, k, scale, kv_len, int8):
     """quantize_qk's outputs in shape (Gluon and its Triton kernel cannot run on a CPU): int8 Q and K as
     [B*H, S padded to 64 rows, D], one scale per 64 rows, and K's mean [B, H, D]."""
-    padded = [-(-t.shape[2] // _QUANT_BLOCK) * _QUANT_BLOCK for t in (q, k)]
+    padded = [-(-t.shape[2] // QUANT_BLOCK) * QUANT_BLOCK for t in (q, k)]
     buffers = [torch.zeros(t.shape[0] * t.shape[1], rows, t.shape[3], dtype=torch.int8)
                for t, rows in zip((q, k), padded)]
-    scales = [torch.ones(t.shape[0] * t.shape[1], rows // _QUANT_BLOCK) for t, rows in zip((q, k), padded)]
+    scales = [torch.ones(t.shape[0] * t.shape[1], rows // QUANT_BLOCK) for t, rows in zip((q, k), padded)]
     return buffers[0], scales[0], buffers[1], scales[1], torch.zeros(q.shape[0], q.shape[1], q.shape[3])
 
 
@@ -215,7 +231,7 @@ def test_kernel_stores_only_into_rows_it_can_write(monkeypatch, int8, case):
     monkeypatch.setattr(hopper_module, "launch", lambda views, out, lse, **kwargs: stored.append(out.fill_(1.0)))
     monkeypatch.setattr(hopper_module, "_l2_bytes", lambda device_index: 50 * 2 ** 20)
     if int8:
-        monkeypatch.setattr(flash_module, "quantize_qk", _fake_quantize_qk)
+        monkeypatch.setattr(hopper_module, "quantize_qk", _fake_quantize_qk)
     q = torch.zeros(1, 2, 100, 64, dtype=torch.bfloat16)
     if case == "q-head-dim-strided":
         q = torch.zeros(1, 64, 2, 100, dtype=torch.bfloat16).permute(0, 2, 3, 1)
@@ -253,7 +269,7 @@ def test_launch_follows_persistent_pays_unless_told(monkeypatch, l2_bytes, expec
     launches = []
     monkeypatch.setattr(hopper_module, "launch", lambda views, out, lse, **kwargs: launches.append(kwargs))
     monkeypatch.setattr(hopper_module, "_l2_bytes", lambda device_index: l2_bytes)
-    monkeypatch.setattr(flash_module, "quantize_qk", _fake_quantize_qk)
+    monkeypatch.setattr(hopper_module, "quantize_qk", _fake_quantize_qk)
     q = torch.zeros(1, 2, 2000, 64, dtype=torch.bfloat16)
     hopper_module.hopper_attention(q, q, q, 0.125, None, False)
     hopper_module.hopper_attention(q, q, q, 0.125, None, False, persistent=not expected)

@@ -7,9 +7,13 @@ Small shapes: the interpreter runs each program instance in numpy.
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
+import smart_diffusion_backend.kernels as kernels_package
 from smart_diffusion_backend.kernels import flash_attention, flash_attention_fp8
 
 from .reference import rel_l2
@@ -193,3 +197,41 @@ def test_cpu_without_interpreter_raises(monkeypatch):
     q, k, v = make_qkv(1, 1, 8, 8, 16)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         flash_attention(q, k, v)
+
+
+def _sibling_imports(path: Path) -> set[str]:
+    """The modules of the kernels package that ``path`` imports, at module level or inside functions."""
+    package = "smart_diffusion_backend.kernels"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: "from .common import x" or "from . import common"
+                names = [module] if module else [alias.name for alias in node.names]
+            elif module == package:
+                names = [alias.name for alias in node.names]
+            elif module.startswith(package + "."):
+                names = [module[len(package) + 1:]]
+            else:
+                names = []
+            found.update(name.split(".")[0] for name in names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name[len(package) + 1:].split(".")[0] for alias in node.names
+                         if alias.name.startswith(package + "."))
+    return found
+
+
+def test_kernel_modules_import_one_way():
+    # common is a leaf, each kernel imports only common, and the dispatcher (attention) imports the kernels:
+    # no module of the package imports a sibling otherwise, not even inside a function
+    expected = {
+        "common": set(),
+        "flash_attention": {"common"},
+        "hopper_attention": {"common"},
+        "rowwise_fp8": {"common"},
+        "attention": {"common", "flash_attention", "hopper_attention"},
+        "__init__": {"attention"},
+    }
+    directory = Path(kernels_package.__file__).parent
+    actual = {path.stem: _sibling_imports(path) for path in sorted(directory.glob("*.py"))}
+    assert actual == expected

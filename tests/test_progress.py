@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from smart_diffusion_backend.progress import DenoiseCancelled, StepChannel, StepReporter
+from smart_diffusion_backend.errors import DenoiseCancelled
+from smart_diffusion_backend.progress import StepChannel, StepReporter
 
 
 def test_steps_arrive_in_order_and_cancel_reaches_the_reporter():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from smart_diffusion_backend.families import DenoiseCancelled, load_stage
+from smart_diffusion_backend.errors import DenoiseCancelled
+from smart_diffusion_backend.families import load_stage
 from smart_diffusion_backend.params import UserParams
 from smart_diffusion_backend.service import DecoderService, DenoiserService, TextEncoderService
 
@@ -58,7 +59,7 @@ def test_step_callback_sees_every_step_and_can_cancel(stages):
 
 
 def test_services_validate_their_wire_tensors(tiny_flux, cpu_system):
-    from smart_diffusion_backend.params import ParamError
+    from smart_diffusion_backend.errors import ParamError
 
     encoder = TextEncoderService(tiny_flux, cpu_system)
     denoiser = DenoiserService(tiny_flux, cpu_system)

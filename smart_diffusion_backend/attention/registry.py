@@ -7,33 +7,29 @@ Every backend's ``fn`` has the same contract (the one ``install_attention`` and 
     out: like q;  lse: float32 [batch, heads, seq_q], natural log
     kv_len: None, an int, or an int tensor [batch]: keys at positions >= kv_len are ignored.
 
-Names (the system param ``attention_backend``): ``sdpa | triton | triton_fp8 | flash_attn``.
+Names (the system param ``attention_backend``): ``sdpa | triton | triton_int8 | flash_attn``. ``triton_fp8``, the
+former name of ``triton_int8``, is accepted as an alias (``BACKEND_ALIASES``) and resolves to the same entry.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionBackend", "AttentionFn", "BACKEND_NAMES", "get_attention_backend", "list_attention_backends",
-           "sdpa_attention", "triton_attention", "triton_quantized_attention", "flash_attn_attention"]
+__all__ = ["AttentionBackend", "AttentionFn", "BACKEND_ALIASES", "BACKEND_NAMES", "get_attention_backend",
+           "list_attention_backends", "sdpa_attention", "triton_attention", "triton_int8_attention",
+           "flash_attn_attention"]
 
 
 class AttentionFn(Protocol):
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float | None = None,
                  kv_len: int | torch.Tensor | None = None,
                  return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
-
-
-# triton_fp8's quantisation: "int8" Q/K with 16-bit P·V (SageAttention 1) meets rel-L2 <= 2e-2 on random
-# inputs (~1.3e-2); "fp8" (e4m3 Q/K and P·V) does not (~5e-2, e4m3 has 3 mantissa bits): see docs/attention.md.
-TRITON_QUANTIZED_PRECISION = "int8"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -94,18 +90,20 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax
 # ----------------------------------------------------------------------------------------------------------
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float | None = None,
                      kv_len: int | torch.Tensor | None = None, return_lse: bool = False):
-    from smart_diffusion_backend.kernels.flash_attention import flash_attention
+    from smart_diffusion_backend.kernels import flash_attention
 
     return flash_attention(q, k, v, softmax_scale=softmax_scale, kv_len=kv_len, return_lse=return_lse)
 
 
-def triton_quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                               softmax_scale: float | None = None, kv_len: int | torch.Tensor | None = None,
-                               return_lse: bool = False):
-    from smart_diffusion_backend.kernels.flash_attention import flash_attention
+def triton_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float | None = None,
+                          kv_len: int | torch.Tensor | None = None, return_lse: bool = False):
+    """Our kernel with int8 Q·Kᵀ and P·V in the inputs' dtype (SageAttention 1). Of the quantised modes it is the
+    one that meets rel-L2 <= 2e-2 on random inputs (~1.3e-2); "fp8" (e4m3 Q/K and P·V) does not (~5e-2, e4m3
+    has 3 mantissa bits): see docs/attention.md."""
+    from smart_diffusion_backend.kernels import flash_attention
 
     return flash_attention(q, k, v, softmax_scale=softmax_scale, kv_len=kv_len, return_lse=return_lse,
-                           precision=TRITON_QUANTIZED_PRECISION)
+                           precision="int8")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,14 +143,16 @@ def _always() -> tuple[bool, str]:
 def _triton_available() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from smart_diffusion_backend.kernels.common import interpreting  # the kernels' own reading of the flag
+
+    if interpreting():
         return True, "Triton interpreter (TRITON_INTERPRET=1): CPU tensors, slow"
     if not torch.cuda.is_available():
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernel on CPU in the interpreter)"
     return True, f"CUDA {torch.cuda.get_device_name()}"
 
 
-def _triton_quantized_available() -> tuple[bool, str]:
+def _triton_int8_available() -> tuple[bool, str]:
     ok, reason = _triton_available()
     if not ok or not torch.cuda.is_available():
         return ok, reason
@@ -210,22 +210,27 @@ _BACKENDS: dict[str, AttentionBackend] = {
         AttentionBackend("triton", triton_attention, True, (torch.float16, torch.bfloat16, torch.float32), 1, 256,
                          ("cuda", "cpu"), "our Triton flash-attention kernel (cpu only under TRITON_INTERPRET=1)",
                          _triton_available),
-        AttentionBackend("triton_fp8", triton_quantized_attention, True, (torch.float16, torch.bfloat16), 1, 256,
-                         ("cuda", "cpu"), f"our quantised Triton kernel (precision={TRITON_QUANTIZED_PRECISION!r})",
-                         _triton_quantized_available),
+        AttentionBackend("triton_int8", triton_int8_attention, True, (torch.float16, torch.bfloat16), 1, 256,
+                         ("cuda", "cpu"), "our Triton kernel with int8 Q·Kᵀ (precision='int8')",
+                         _triton_int8_available),
         AttentionBackend("flash_attn", flash_attn_attention, True, (torch.float16, torch.bfloat16), 1, 256,
                          ("cuda",), "the flash-attn package (flash_attn_func)", _flash_attn_available),
     )
 }
 BACKEND_NAMES: tuple[str, ...] = tuple(_BACKENDS)
+# Other names accepted for a backend: alias -> name in BACKEND_NAMES. "triton_fp8" is triton_int8's former name
+# (the backend runs int8 Q·Kᵀ); system configs written with it keep working.
+BACKEND_ALIASES: dict[str, str] = {"triton_fp8": "triton_int8"}
 
 
 def get_attention_backend(name: str) -> AttentionBackend:
-    """The registry entry for ``name``; ValueError listing the valid names otherwise."""
+    """The registry entry for ``name`` (or an alias of it); ValueError listing the valid names otherwise."""
     try:
-        return _BACKENDS[name]
+        return _BACKENDS[BACKEND_ALIASES.get(name, name)]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown attention backend {name!r}; valid names: {', '.join(BACKEND_NAMES)}") from None
+        aliases = ", ".join(f"{alias} -> {target}" for alias, target in BACKEND_ALIASES.items())
+        raise ValueError(f"unknown attention backend {name!r}; valid names: {', '.join(BACKEND_NAMES)} "
+                         f"(aliases: {aliases})") from None
 
 
 def list_attention_backends() -> list[AttentionBackend]:

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..params import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["CacheConfig", "POLICIES", "FORECASTS", "validate_model_cache"]
 

@@ -6,7 +6,7 @@ import importlib
 from typing import Literal
 
 from ..params import ModelParams, SystemParams
-from .base import DecoderStage, DenoiserStage, DenoiseCancelled, Embeddings, Stage, TextEncoderStage
+from .base import DecoderStage, DenoiserStage, Embeddings, Stage, TextEncoderStage
 
 StageKind = Literal["text_encoder", "denoiser", "decoder"]
 
@@ -31,7 +31,6 @@ def load_stage(kind: StageKind, model: ModelParams, system: SystemParams) -> Sta
 
 __all__ = [
     "DecoderStage",
-    "DenoiseCancelled",
     "DenoiserStage",
     "Embeddings",
     "FAMILIES",

@@ -25,7 +25,6 @@ import torch
 
 from ..cache import CacheConfig, validate_model_cache
 from ..params import ModelParams, SystemParams, UserParams, parse_user_params
-from ..progress import DenoiseCancelled  # noqa: F401  (re-exported: step callbacks raise it)
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from diffusers import AutoencoderKLWan, DiffusionPipeline, WanPipeline, WanTrans
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..cache import CacheConfig, request_cache
-from ..params import ParamError, UserParams
+from ..errors import ParamError
+from ..params import UserParams
 from .base import DecoderStage, DenoiserStage, Embeddings, StepCallback, TextEncoderStage, to_uint8
 
 # AutoencoderKLWan.__init__ defaults, for vae configs written before these keys existed

@@ -1,69 +1,54 @@
-"""Flash attention forward in Triton-lang: bf16/fp16 (float32 for the CPU interpreter) and an FP8 variant.
+"""Flash attention forward in Triton-lang, the portable kernel: bf16/fp16 (float32 for the CPU interpreter)
+and the quantised variants (``precision`` "int8" and "fp8"). It runs on any GPU Triton supports and under the
+CPU interpreter; ``attention.py`` sends each call here unless the Hopper kernel takes it.
 
-Layout and contract (the same as ``torch.nn.functional.scaled_dot_product_attention``, non-causal)::
+The entry points take inputs ``attention.flash_attention`` has validated, in its layout::
 
-    q: [batch, heads, seq_q, head_dim]      k, v: [batch, heads, seq_kv, head_dim]
-    out = softmax(q @ k^T * softmax_scale) @ v            -> [batch, heads, seq_q, head_dim], q's dtype
-    lse = logsumexp(q @ k^T * softmax_scale, dim=-1)      -> [batch, heads, seq_q], float32, natural log
+    q: [batch, heads, seq_q, head_dim]      k, v: [batch, heads, seq_kv, head_dim]   (any strides)
+    portable_attention(q, k, v, softmax_scale, kv_len, return_lse, out=None)                    -> (out, lse)
+    portable_quantized_attention(q, k, v, softmax_scale, kv_len, return_lse, precision, out=None) -> (out, lse)
+
+lse is empty unless ``return_lse``. kv_len is None, an int or an int tensor ``[batch]``.
 
 * Any sequence length: the key loop runs unmasked over whole ``BLOCK_N`` blocks and masks only the last,
   partial block; query rows past ``seq_q`` are masked at load and store. DiT lengths (4,608 = 4,096 image +
   512 text, 32,760, 75,600) are not multiples of any block size.
 * ``head_dim`` up to 256; a non-power-of-two head_dim is padded to the next power of two with masks.
-* ``kv_len`` masks padded keys (sequence-parallel padding): keys at positions ``>= kv_len`` are ignored.
-  It is either an ``int`` (the same for every batch element) or an integer tensor of shape ``[batch]`` on
-  q's device (one length per batch element). Values are clamped to ``[0, seq_kv]``. A row that sees no
-  key at all (``kv_len == 0``) gets output 0 and lse ``-inf``, which is what ring attention's LSE merge wants.
-* The kernel module reads ``TRITON_INTERPRET`` when a kernel is first launched (not at import), so CPU
-  tests can set it after triton was imported elsewhere; interpreted launches use one small config.
-* On Hopper (sm_90), bf16/fp16 calls with head_dim 64 or 128 and an int (or no) ``kv_len`` run the Gluon
-  kernel of hopper_attention.py (FA3's warp-specialised structure, cuDNN's speed or better); the Triton-lang
-  kernel here runs everything else (other GPUs, other head dims, per-batch ``kv_len``, float32, FP8).
-  ``precision="int8"`` takes the same Gluon kernel with int8 Q·Kᵀ under the same conditions.
-* Under ``torch.compile`` the launch goes through the custom op ``smart_diffusion::flash_attention`` so the
-  compiler treats the kernel as opaque (no graph break); eager calls skip that dispatch overhead.
+* ``kv_len`` masks padded keys; a row that sees no key gets output 0 and lse ``-inf``.
+* Kernels are jitted at their first launch, per mode (see common.py): interpreted launches use one small config.
 
-FP8 (``precision="fp8"``, Hopper only), SageAttention-style:
-  K is smoothed by subtracting its mean over the sequence (exact: it shifts each row of q·kᵀ by a constant);
-  Q (pre-multiplied by softmax_scale·log2 e) and K are quantised to float8 e4m3 with one scale per
-  ``_QUANT_BLOCK`` rows; V is quantised per channel and stored transposed (Hopper fp8 MMA wants the
-  reduction dim contiguous); P is scaled by 448 to use e4m3's range. All accumulation is float32.
+Quantised, SageAttention-style (``common.quantize_qk``): K is smoothed by subtracting its mean over the sequence
+(exact: it shifts each row of q·kᵀ by a constant); Q (pre-multiplied by softmax_scale·log2 e) and K are quantised
+to int8 ("int8") or float8 e4m3 ("fp8") with one scale per ``QUANT_BLOCK`` rows. "int8" keeps P·V in the
+inputs' dtype (SageAttention 1). "fp8" quantises V per channel and stores it transposed (Hopper's fp8 MMA wants
+the reduction dim contiguous) and scales P by 448 to use e4m3's range. All accumulation is float32.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["flash_attention", "flash_attention_fp8", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
+from smart_diffusion_backend.kernels.common import (
+    FP8_MAX,
+    LOG2E,
+    MAX_COMBINE,
+    QUANT_BLOCK,
+    SUM_COMBINE,
+    interpreting,
+    padded_head_dim,
+    quantize_qk,
+)
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-_FP8_MAX = 448.0  # largest finite float8 e4m3fn
-_QUANT_BLOCK = 64  # rows per Q/K quantisation scale; the attention tiles need not match it
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+__all__ = ["portable_attention", "portable_quantized_attention"]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kernels. Plain functions wrapped with triton.jit lazily (see _build_kernels) so that TRITON_INTERPRET is
-# read at the first launch, not at import time. triton.language's own @jit helpers (tl.max, tl.sum,
-# tl.zeros) are frozen as compiled-mode functions when triton is imported before the flag is set, and the
-# interpreter cannot call those; so the kernels use only builtins: tl.full, and tl.reduce with the standard
-# combine functions, which the interpreter maps to numpy and the compiler treats exactly like tl.max/tl.sum.
+# Kernels: plain functions, jitted in _build_kernels (see common.py on TRITON_INTERPRET and tl.reduce).
 # ----------------------------------------------------------------------------------------------------------
-_MAX_COMBINE = tl.standard._elementwise_max
-_SUM_COMBINE = tl.standard._sum_combine
-
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, KvLen,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -114,10 +99,10 @@ def _attn_fwd_kernel(
         if UPCAST:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        m_ij = tl.maximum(m_i, tl.reduce(qk, 1, _MAX_COMBINE) * qk_scale)
+        m_ij = tl.maximum(m_i, tl.reduce(qk, 1, MAX_COMBINE) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.reduce(p, 1, _SUM_COMBINE)
+        l_i = l_i * alpha + tl.reduce(p, 1, SUM_COMBINE)
         acc = acc * alpha[:, None]
         if BLOCK_D == HEAD_DIM:
             v = tl.load(v_ptrs)
@@ -138,10 +123,10 @@ def _attn_fwd_kernel(
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
         qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.reduce(qk, 1, _MAX_COMBINE))
+        m_ij = tl.maximum(m_i, tl.reduce(qk, 1, MAX_COMBINE))
         p = tl.math.exp2(qk - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.reduce(p, 1, _SUM_COMBINE)
+        l_i = l_i * alpha + tl.reduce(p, 1, SUM_COMBINE)
         acc = acc * alpha[:, None]
         v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         if UPCAST:
@@ -213,10 +198,10 @@ def _attn_fwd_quant_kernel(
         else:
             qk = tl.dot(q, tl.trans(k))
         qk = qk * (q_scale[:, None] * k_scale[None, :])  # already in log2 units
-        m_ij = tl.maximum(m_i, tl.reduce(qk, 1, _MAX_COMBINE))
+        m_ij = tl.maximum(m_i, tl.reduce(qk, 1, MAX_COMBINE))
         p = tl.math.exp2(qk - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.reduce(p, 1, _SUM_COMBINE)
+        l_i = l_i * alpha + tl.reduce(p, 1, SUM_COMBINE)
         acc = acc * alpha[:, None]
         if PV_FP8:
             v = tl.load(v_ptrs)  # padded buffer
@@ -249,10 +234,10 @@ def _attn_fwd_quant_kernel(
         else:
             qk = tl.dot(q, tl.trans(k))
         qk = tl.where(mask_n[None, :], qk * (q_scale[:, None] * k_scale[None, :]), float("-inf"))
-        m_ij = tl.maximum(m_i, tl.reduce(qk, 1, _MAX_COMBINE))
+        m_ij = tl.maximum(m_i, tl.reduce(qk, 1, MAX_COMBINE))
         p = tl.math.exp2(qk - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.reduce(p, 1, _SUM_COMBINE)
+        l_i = l_i * alpha + tl.reduce(p, 1, SUM_COMBINE)
         acc = acc * alpha[:, None]
         if PV_FP8:
             v = tl.load(v_ptrs)
@@ -279,40 +264,6 @@ def _attn_fwd_quant_kernel(
     if RETURN_LSE:
         lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
         tl.store(Lse + bh * seq_q + offs_m, lse, mask=mask_m)
-
-
-def _quantize_rows_kernel(
-    X, Mean, X8, Scale,
-    stride_xb, stride_xh, stride_xs, stride_xd,
-    num_heads, seq, seq_pad, multiplier,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUANT_BLOCK: tl.constexpr, SUBTRACT_MEAN: tl.constexpr,
-    TO_INT8: tl.constexpr,
-):
-    # One program per (QUANT_BLOCK rows, batch*head): x8 = (x - mean) * multiplier / scale, one scale per block.
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    bh = pid_bh.to(tl.int64)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    offs_s = pid_s * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_s[:, None] < seq) & (offs_d[None, :] < HEAD_DIM)
-    x = tl.load(X + b * stride_xb + h * stride_xh + offs_s[:, None] * stride_xs + offs_d[None, :] * stride_xd,
-                mask=mask, other=0.0).to(tl.float32)
-    if SUBTRACT_MEAN:
-        mean = tl.load(Mean + bh * BLOCK_D + offs_d)
-        x = tl.where(mask, x - mean[None, :], 0.0)
-    x = x * multiplier
-    amax = tl.reduce(tl.reduce(tl.abs(x), 1, _MAX_COMBINE), 0, _MAX_COMBINE)
-    if TO_INT8:
-        scale = tl.maximum(amax / 127.0, 1e-12)
-        y = x / scale
-        x8 = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)  # round half away from zero; |y| <= 127
-    else:
-        scale = tl.maximum(amax / 448.0, 1e-12)
-        x8 = (x / scale).to(tl.float8e4nv)
-    tl.store(X8 + bh * seq_pad * BLOCK_D + offs_s[:, None] * BLOCK_D + offs_d[None, :], x8)
-    tl.store(Scale + bh * (seq_pad // QUANT_BLOCK) + pid_s, scale)
 
 
 def _quantize_v_transposed_kernel(
@@ -390,7 +341,6 @@ def _build_kernels(interpret: bool) -> dict[str, Callable]:
                                 prune_configs_by=prune)(triton.jit(_attn_fwd_kernel)),
         "attn_quant": triton.autotune(quant_configs, key=["seq_q", "seq_kv", "HEAD_DIM", "BLOCK_D", "QK_INT8",
                                                           "PV_FP8", "RETURN_LSE"])(triton.jit(_attn_fwd_quant_kernel)),
-        "quant_rows": triton.jit(_quantize_rows_kernel),
         "quant_v": triton.jit(_quantize_v_transposed_kernel),
     }
     _KERNEL_CACHE[interpret] = kernels
@@ -398,51 +348,8 @@ def _build_kernels(interpret: bool) -> dict[str, Callable]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Host side: checks, then launch
+# Host side: launch on validated inputs
 # ----------------------------------------------------------------------------------------------------------
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len, interpret: bool) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"flash_attention: {name} must be 4-D [batch, heads, seq, head_dim], got shape "
-                             f"{tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"flash_attention: dtype {q.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"flash_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if interpret and q.device.type != "cpu":
-        raise ValueError("flash_attention: TRITON_INTERPRET=1 runs on CPU tensors only, got device "
-                         f"{q.device}")
-    if not interpret and q.device.type != "cuda":
-        raise ValueError(f"flash_attention: needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 to run "
-                         "the kernel on CPU in the Triton interpreter")
-    batch, heads, _, head_dim = q.shape
-    if k.shape[0] != batch or v.shape[0] != batch or k.shape[1] != heads or v.shape[1] != heads:
-        raise ValueError(f"flash_attention: batch and heads must match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"flash_attention: k and v need the same sequence length, got {k.shape[2]} and "
-                         f"{v.shape[2]}")
-    if k.shape[3] != head_dim or v.shape[3] != head_dim:
-        raise ValueError(f"flash_attention: q, k, v need the same head_dim, got {head_dim}, {k.shape[3]}, "
-                         f"{v.shape[3]}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"flash_attention: head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
-    if q.shape[2] == 0 or k.shape[2] == 0:
-        raise ValueError(f"flash_attention: empty sequence: seq_q={q.shape[2]}, seq_kv={k.shape[2]}")
-    if isinstance(kv_len, torch.Tensor):
-        if kv_len.shape != (batch,) or kv_len.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"flash_attention: kv_len tensor must be int32/int64 of shape [{batch}], got "
-                             f"{kv_len.dtype} {tuple(kv_len.shape)}")
-        if kv_len.device != q.device:
-            raise ValueError(f"flash_attention: kv_len must be on {q.device}, got {kv_len.device}")
-    elif kv_len is not None and (isinstance(kv_len, bool) or not isinstance(kv_len, int) or kv_len < 0):
-        raise ValueError(f"flash_attention: kv_len must be None, an int >= 0 or an int tensor [batch], got {kv_len!r}")
-
-
 def _kv_len_args(kv_len, seq_kv: int, device: torch.device) -> tuple[torch.Tensor | None, int, bool]:
     """(per-batch tensor or None, scalar length, per-batch flag) for the kernel."""
     if isinstance(kv_len, torch.Tensor):
@@ -450,19 +357,10 @@ def _kv_len_args(kv_len, seq_kv: int, device: torch.device) -> tuple[torch.Tenso
     return None, seq_kv if kv_len is None else min(int(kv_len), seq_kv), False
 
 
-def _padded_head_dim(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16 and a power of two
-
-
-def _launch_bf16(q, k, v, softmax_scale: float, kv_len, return_lse: bool,
-                 out: torch.Tensor | None = None, allow_hopper: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    interpret = _interpreting()
-    if allow_hopper and not interpret:
-        # Imported here: Gluon is only needed (and only compiled) on a GPU.
-        from smart_diffusion_backend.kernels.hopper_attention import hopper_attention, hopper_supports
-
-        if hopper_supports(q, k, v, kv_len):
-            return hopper_attention(q, k, v, softmax_scale, kv_len, return_lse, out)
+def portable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, kv_len,
+                       return_lse: bool, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16/fp16/float32 kernel on validated inputs; returns ``(out, lse)``, lse empty unless asked."""
+    interpret = interpreting()
     kernels = _build_kernels(interpret)
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
@@ -477,8 +375,8 @@ def _launch_bf16(q, k, v, softmax_scale: float, kv_len, return_lse: bool,
     kernels["attn"][grid](
         q, k, v, out, lse, kv_len_tensor if per_batch else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, seq_q, seq_kv, kv_len_all, softmax_scale * _LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=_padded_head_dim(head_dim),
+        heads, seq_q, seq_kv, kv_len_all, softmax_scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim),
         KV_LEN_PER_BATCH=per_batch, RETURN_LSE=return_lse,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=interpret and q.dtype == torch.bfloat16,
@@ -486,20 +384,16 @@ def _launch_bf16(q, k, v, softmax_scale: float, kv_len, return_lse: bool,
     return out, lse
 
 
-def _launch_quantized(q, k, v, softmax_scale: float, kv_len, return_lse: bool, precision: str,
-                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def portable_quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, kv_len,
+                                 return_lse: bool, precision: str,
+                                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """precision "int8": int8 Q/K, P·V in q's dtype (SageAttention 1); "fp8": e4m3 Q/K and e4m3 P·V."""
-    interpret = _interpreting()
-    if precision == "int8" and not interpret:
-        from smart_diffusion_backend.kernels.hopper_attention import hopper_int8_attention, hopper_supports
-
-        if hopper_supports(q, k, v, kv_len):  # the same quantisation, in the Hopper kernel's structure
-            return hopper_int8_attention(q, k, v, softmax_scale, kv_len, return_lse, out)
+    interpret = interpreting()
     kernels = _build_kernels(interpret)
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
-    block_d = _padded_head_dim(head_dim)
-    qb = _QUANT_BLOCK
+    block_d = padded_head_dim(head_dim)
+    qb = QUANT_BLOCK
     qk_int8 = precision == "int8"
     pv_fp8 = precision == "fp8"
     dev = q.device
@@ -508,7 +402,7 @@ def _launch_quantized(q, k, v, softmax_scale: float, kv_len, return_lse: bool, p
 
     v_scale = torch.ones((batch * heads, block_d), device=dev, dtype=torch.float32)
     if pv_fp8:
-        v_scale[:, :head_dim] = (v.abs().amax(dim=2).float() / _FP8_MAX).clamp_min(1e-12).reshape(-1, head_dim)
+        v_scale[:, :head_dim] = (v.abs().amax(dim=2).float() / FP8_MAX).clamp_min(1e-12).reshape(-1, head_dim)
         v_arg = torch.zeros((batch * heads, block_d, seq_kv_pad), device=dev, dtype=torch.float8_e4m3fn)
         kernels["quant_v"][(triton.cdiv(seq_kv, 64), batch * heads)](
             v, v_scale, v_arg, *v.stride(), heads, seq_kv, seq_kv_pad,
@@ -536,144 +430,3 @@ def _launch_quantized(q, k, v, softmax_scale: float, kv_len, return_lse: bool, p
         # Smoothing shifted every score of a row by q·mean·scale; add it back so lse is the true one.
         lse = lse + torch.einsum("bhsd,bhd->bhs", q.float(), k_mean) * softmax_scale
     return out, lse
-
-
-def quantize_qk(q: torch.Tensor, k: torch.Tensor, softmax_scale: float, kv_len, *, int8: bool
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q and K quantised SageAttention-style, for the quantised kernels: ``(q8, q_scale, k8, k_scale, k_mean)``.
-
-    K is smoothed by its mean over the valid keys (``k_mean``, [B,H,D] float32: exact for softmax, it shifts a
-    row's scores by a constant); Q carries ``softmax_scale * log2 e`` so scores come out in log2 units. One
-    float32 scale per ``_QUANT_BLOCK`` rows. q8/k8 are contiguous ``[B*H, S_pad, D_pad]`` (int8 or float8 e4m3),
-    rows padded with zeros to a multiple of 128 and head_dim to a power of two; scales ``[B*H, S_pad/64]``."""
-    kernels = _build_kernels(_interpreting())
-    batch, heads, seq_q, head_dim = q.shape
-    seq_kv = k.shape[2]
-    block_d = _padded_head_dim(head_dim)
-    qb = _QUANT_BLOCK
-    # Padded to 128 rows so the attention tiles (<= 128) never read past them.
-    seq_q_pad = triton.cdiv(seq_q, 128) * 128
-    seq_kv_pad = triton.cdiv(seq_kv, 128) * 128
-    dev = q.device
-    qk_dtype = torch.int8 if int8 else torch.float8_e4m3fn
-
-    k_mean = _key_mean(k, kv_len)  # [B,H,D] float32
-    k_mean_pad = torch.zeros((batch * heads, block_d), device=dev, dtype=torch.float32)
-    k_mean_pad[:, :head_dim] = k_mean.reshape(batch * heads, head_dim)
-
-    q8 = torch.zeros((batch * heads, seq_q_pad, block_d), device=dev, dtype=qk_dtype)
-    k8 = torch.zeros((batch * heads, seq_kv_pad, block_d), device=dev, dtype=qk_dtype)
-    q_scale = torch.ones((batch * heads, seq_q_pad // qb), device=dev, dtype=torch.float32)
-    k_scale = torch.ones((batch * heads, seq_kv_pad // qb), device=dev, dtype=torch.float32)
-    kernels["quant_rows"][(triton.cdiv(seq_q, qb), batch * heads)](
-        q, k_mean_pad, q8, q_scale, *q.stride(), heads, seq_q, seq_q_pad, softmax_scale * _LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, QUANT_BLOCK=qb, SUBTRACT_MEAN=False, TO_INT8=int8)
-    kernels["quant_rows"][(triton.cdiv(seq_kv, qb), batch * heads)](
-        k, k_mean_pad, k8, k_scale, *k.stride(), heads, seq_kv, seq_kv_pad, 1.0,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, QUANT_BLOCK=qb, SUBTRACT_MEAN=True, TO_INT8=int8)
-    return q8, q_scale, k8, k_scale, k_mean
-
-
-def _key_mean(k: torch.Tensor, kv_len) -> torch.Tensor:
-    """Mean of the valid keys over the sequence, [B,H,D]. Any constant works for exactness; the mean of
-    valid keys minimises the quantisation range."""
-    if kv_len is None:
-        return k.float().mean(dim=2)
-    seq_kv = k.shape[2]
-    lengths = kv_len if isinstance(kv_len, torch.Tensor) else torch.tensor([kv_len] * k.shape[0], device=k.device)
-    lengths = lengths.clamp(0, seq_kv)
-    valid = (torch.arange(seq_kv, device=k.device)[None, :] < lengths[:, None]).to(torch.float32)  # [B,S]
-    total = torch.einsum("bhsd,bs->bhd", k.float(), valid)
-    return total / lengths.clamp_min(1).to(torch.float32)[:, None, None]
-
-
-def _default_scale(head_dim: int, softmax_scale: float | None) -> float:
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
-        raise ValueError(f"flash_attention: softmax_scale must be a float or None, got {softmax_scale!r}")
-    return float(softmax_scale)
-
-
-# torch.compile sees the kernel through this op (opaque to dynamo); eager calls bypass it.
-@torch.library.custom_op("smart_diffusion::flash_attention", mutates_args=())
-def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-                        kv_len_tensor: torch.Tensor | None, kv_len_int: int, return_lse: bool,
-                        precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    kv_len = kv_len_tensor if kv_len_tensor is not None else (None if kv_len_int < 0 else kv_len_int)
-    if precision != "bf16":
-        return _launch_quantized(q, k, v, softmax_scale, kv_len, return_lse, precision)
-    return _launch_bf16(q, k, v, softmax_scale, kv_len, return_lse)
-
-
-@_flash_attention_op.register_fake
-def _(q, k, v, softmax_scale, kv_len_tensor, kv_len_int, return_lse, precision):
-    out = torch.empty_like(q)
-    lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2] if return_lse else 0), dtype=torch.float32)
-    return out, lse
-
-
-_PRECISIONS = ("bf16", "int8", "fp8")
-
-
-def flash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    softmax_scale: float | None = None,
-    kv_len: int | torch.Tensor | None = None,
-    return_lse: bool = False,
-    precision: str = "bf16",
-    out: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal attention forward, ``[batch, heads, seq, head_dim]`` in and out (see the module docstring).
-
-    Args:
-        q, k, v: float16/bfloat16 CUDA tensors (float32 too; on CPU only under ``TRITON_INTERPRET=1``).
-        softmax_scale: multiplies q·kᵀ; default ``1/sqrt(head_dim)``.
-        kv_len: keys at positions ``>= kv_len`` are ignored; ``int`` or int tensor ``[batch]``.
-        return_lse: also return the float32 natural-log log-sum-exp per query row, ``[batch, heads, seq_q]``.
-        precision: ``"bf16"`` (inputs' own dtype, the default),
-            ``"int8"`` (SageAttention-1 style: int8 Q/K, P·V in the inputs' dtype) or ``"fp8"`` (Q/K and P·V in
-            float8 e4m3, the fastest, least accurate). Quantised modes need a Hopper GPU for speed.
-        out: optional preallocated output, q's shape and dtype, any strides (eager calls only).
-
-    Returns:
-        ``out`` or ``(out, lse)``.
-    """
-    if precision not in _PRECISIONS:
-        raise ValueError(f"flash_attention: precision must be one of {_PRECISIONS}, got {precision!r}")
-    interpret = _interpreting()
-    _check_inputs(q, k, v, kv_len, interpret)
-    if precision != "bf16" and q.dtype not in (torch.float16, torch.bfloat16) and not interpret:
-        raise ValueError(f"flash_attention: precision={precision!r} needs float16/bfloat16 inputs, got {q.dtype}")
-    scale = _default_scale(q.shape[-1], softmax_scale)
-    if out is not None and (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
-                            or out.device != q.device):
-        raise ValueError(f"flash_attention: out must be a tensor like q {tuple(q.shape)} {q.dtype} on {q.device}")
-    if torch.compiler.is_compiling():
-        if out is not None:
-            raise ValueError("flash_attention: out= is not supported under torch.compile")
-        kv_len_tensor = kv_len if isinstance(kv_len, torch.Tensor) else None
-        kv_len_int = -1 if kv_len is None or kv_len_tensor is not None else int(kv_len)
-        out, lse = _flash_attention_op(q, k, v, scale, kv_len_tensor, kv_len_int, return_lse, precision)
-    elif precision == "bf16":
-        out, lse = _launch_bf16(q, k, v, scale, kv_len, return_lse, out)
-    else:
-        out, lse = _launch_quantized(q, k, v, scale, kv_len, return_lse, precision, out)
-    return (out, lse) if return_lse else out
-
-
-def flash_attention_fp8(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    softmax_scale: float | None = None,
-    kv_len: int | torch.Tensor | None = None,
-    return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``flash_attention(..., precision="fp8")`` with the backend-callable signature."""
-    return flash_attention(q, k, v, softmax_scale=softmax_scale, kv_len=kv_len, return_lse=return_lse,
-                           precision="fp8")

@@ -1,12 +1,11 @@
 """Attention forward for Hopper (sm_90) in Gluon, Triton's explicit dialect: the FA3 structure.
 
-``flash_attention`` (flash_attention.py) sends bf16/fp16 calls here on an sm_90 GPU when ``hopper_supports``
-says the call fits; everything else runs the portable Triton-lang kernel. The contract is the same.
+``flash_attention`` (attention.py) sends bf16/fp16 calls here on an sm_90 GPU when ``hopper_supports`` says the
+call fits; everything else runs the portable Triton-lang kernel (flash_attention.py). The contract is the same.
 
-Why Gluon: Triton-lang's own warp specialisation leaves the attention loop unpartitioned on Hopper (Triton
-3.6; bench/results/attention-variants-h100.md), and the portable kernel stays at 0.78-0.90x cuDNN. Written out
-explicitly, the FA3 layout reaches cuDNN's speed and passes it on long sequences
-(bench/results/gluon-attention-h100.md).
+Why Gluon: Triton-lang's own warp specialisation leaves the attention loop unpartitioned on Hopper, and the
+portable kernel stays below cuDNN. Written out explicitly, the FA3 layout reaches cuDNN's speed and passes it on
+long sequences. Measurements, and the variants tried and left out: docs/attention.md and bench/results/.
 
 Structure: one CTA per 128 query rows of one (batch, head), three partitions.
 * A 1-warp load partition streams Q, then K and V tiles, into a 2-stage shared-memory ring with TMA.
@@ -17,28 +16,19 @@ Structure: one CTA per 128 query rows of one (batch, head), three partitions.
   software-pipelined as in FA3: S_j = Q.K_j^T is issued, then O += P_{j-1}.V_{j-1}, and the softmax of S_j runs
   while that second wgmma is still in flight. P stays in registers (wgmma's A operand).
 * O is moved to a layout of 8 consecutive elements per thread before it is stored: from the wgmma layout, each
-  store filled half a 32-byte sector (Nsight Compute, bench/results/attention-h100.md).
+  store would fill only half a 32-byte sector.
 
 Persistent launch (``PERSISTENT``): at most one CTA per SM, each walking query tiles, with Q in two buffers: the
 next tile's Q loads while this one runs, and its S_0 = Q.K_0^T is issued before this tile's last P.V, its softmax
 running under that P.V. The other launch is one CTA per query tile. ``persistent_pays`` picks: the persistent
 one unless one head's K and V take more than a third of the L2, where its CTAs' drift across heads costs DRAM
-traffic (4x the grid's at 75,600 keys).
+traffic.
 
-Measured on H100 (bench/results/attention-h100.md): 1.07-1.17x cuDNN at 32,760 and 75,600 tokens, 0.94-1.03x at
-16,384 and 0.98-1.01x at 4,608. Nsight Compute at 4,224 tokens puts 91 % of the consumers' samples in the K/V loop
-itself. Tried and left out, with their timings in that file: FA3's ping-pong (the two consumers' wgmmas in strict
-turns; -2 to -3.5 %), splitting the last, partial wave of query tiles along K/V with an LSE merge (no gain), and
-FA3's wider key tile as 128 + 32 or 128 + 64 keys (0.52-0.71x cuDNN: with the wider S and P live, ptxas waits for
-the P.V wgmma before the softmax instead of running it underneath).
-
-``QK_INT8`` switches Q.K^T to int8 wgmma on SageAttention-1 inputs (the library's ``quantize_qk``: per-64-row
-scales, K smoothed by its mean), with P.V in V's dtype: ``hopper_int8_attention``, the ``int8`` precision of
-``flash_attention`` on sm_90. It is more accurate than e4m3 (rel-L2 1.3e-2 against float32). The scores become
-float by bit arithmetic (``_scores``), since one int->float conversion per score shares exp2's 16-per-clock unit
-and made the loop as slow as bf16's; the K scales are two scalar loads issued ahead of the scores. Measured,
-quantisation included: 0.73x cuDNN at 4,608 tokens, 0.96x at 16,384, 1.03-1.09x at 32,760-75,600, so at most
-as fast as bf16.
+``QK_INT8`` switches Q.K^T to int8 wgmma on SageAttention-1 inputs (``common.quantize_qk``: per-64-row scales,
+K smoothed by its mean), with P.V in V's dtype: ``hopper_int8_attention``, the ``int8`` precision of
+``flash_attention`` on sm_90, more accurate than e4m3. The scores become float by bit arithmetic (``_scores``),
+since one int->float conversion per score shares exp2's 16-per-clock unit and would make the loop as slow as
+bf16's; the K scales are two scalar loads issued ahead of the scores.
 
 Addressing: Q, K and V are read through 2-D TMA descriptors, so each may be in either of the two layouts
 DiT attention produces without a copy:
@@ -64,6 +54,8 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.jit import constexpr_function
 
+from smart_diffusion_backend.kernels.common import LOG2E, quantize_qk
+
 __all__ = ["hopper_attention", "hopper_int8_attention", "hopper_supports", "persistent_pays", "HOPPER_HEAD_DIMS"]
 
 HOPPER_HEAD_DIMS = (64, 128)
@@ -73,8 +65,7 @@ _INT_TO_FLOAT_BITS = 0x4B400000
 _INT_TO_FLOAT_VALUE = 12582912.0
 BLOCK_M = 128  # query rows per CTA: 64 per consumer partition
 BLOCK_N = 128  # keys per tile
-STAGES = 2  # K/V ring depth: 2 x 32 KiB Q + 2 x 64 KiB K/V per persistent CTA at head_dim 128 (3 was no faster)
-_LOG2E = 1.4426950408889634
+STAGES = 2  # K/V ring depth: 2 x 32 KiB Q + 2 x 64 KiB K/V per persistent CTA at head_dim 128
 
 
 @constexpr_function
@@ -158,8 +149,7 @@ def _q_scale(q_scale_ptr, q_scale_offset, q_start, QK_INT8: gl.constexpr):
 def _score_scale(k_scale_ptr, k_scale_offset, col_start, q_scale, BLOCK_N: gl.constexpr, col_layout: gl.constexpr,
                  QK_INT8: gl.constexpr):
     # QK_INT8: Q's scale times the per-64-key scales of the K tile at col_start (BLOCK_N = 128: two of them), per
-    # column. Two scalar loads, issued before the scores are waited for; a load per column used to sit on the
-    # softmax's path.
+    # column. Two scalar loads, issued before the scores are waited for, so no load sits on the softmax's path.
     scale = 1.0
     if QK_INT8:
         first = gl.load(k_scale_ptr + k_scale_offset + col_start // 64) * q_scale
@@ -172,11 +162,11 @@ def _score_scale(k_scale_ptr, k_scale_offset, col_start, q_scale, BLOCK_N: gl.co
 @gluon.jit
 def _scores(s, scale, QK_INT8: gl.constexpr):
     # QK_INT8: int32 Q8.K8^T -> float32 scores times _score_scale's per-column scale.
-    # Not with cvt: the conversion (SASS I2FP) issues at 16 per clock per SM on the same unit as exp2 (CUDA
-    # programming guide's throughput table; Triton PR #4563 on Hopper's conversions), and one per score beside
-    # the softmax's exp2 made that unit as slow as the tensor cores. |Q8.K8^T| <= 128 * 128 * HEAD_DIM < 2^22, so
-    # adding the bit pattern of 1.5 * 2^23 (_INT_TO_FLOAT_BITS) gives a float32 equal to 1.5 * 2^23 + s exactly;
-    # subtracting 1.5 * 2^23 leaves s: an integer add and a float subtract, which issue at 64 and 128 per clock.
+    # Not with cvt: the conversion (SASS I2FP) issues at 16 per clock per SM on the same unit as exp2, and one
+    # per score beside the softmax's exp2 makes that unit as slow as the tensor cores. |Q8.K8^T| <= 128 * 128 *
+    # HEAD_DIM < 2^22, so adding the bit pattern of 1.5 * 2^23 (_INT_TO_FLOAT_BITS) gives a float32 equal to
+    # 1.5 * 2^23 + s exactly; subtracting 1.5 * 2^23 leaves s: an integer add and a float subtract, which issue
+    # at 64 and 128 per clock.
     scores = s
     if QK_INT8:
         exact = (s + 1262485504).to(gl.float32, bitcast=True) - 12582912.0
@@ -244,9 +234,8 @@ def _kv_loop(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, k_scale
 def _store_rows(acc, m_i, l_i, out_ptr, lse_ptr, stride_os, out_offset, lse_offset, q_start, seq_q,
                 ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, RETURN_LSE: gl.constexpr):
     # Normalise and store this partition's rows (and their log-sum-exp). The wgmma layout gives each thread pairs
-    # of columns, so stores from it fill half of each 32-byte sector (Nsight Compute: 50 % excess sectors); the
-    # tile is moved to 8 consecutive elements per thread first (16-byte stores, whole rows per warp), which was
-    # 1.5-2.6 % faster at 4,224-4,608 tokens (bench/results/attention-h100.md).
+    # of columns, so stores from it would fill half of each 32-byte sector; the tile is moved to 8 consecutive
+    # elements per thread first (16-byte stores, whole rows per warp).
     row_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
     l_o = gl.convert_layout(l_i, row_o)
@@ -533,7 +522,8 @@ def _descriptor(t: torch.Tensor, view: RowView, block_rows: int) -> TensorDescri
 
 
 def hopper_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len) -> bool:
-    """Whether this call can take the Hopper kernel (inputs already validated by flash_attention)."""
+    """Whether this call can take the Hopper kernel: an sm_90 GPU, bf16/fp16, head_dim 64 or 128, an int (or
+    no) kv_len above 0 (inputs already validated by ``flash_attention``)."""
     if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
         return False
     if q.shape[-1] not in HOPPER_HEAD_DIMS or isinstance(kv_len, torch.Tensor):
@@ -563,12 +553,9 @@ def persistent_pays(k: torch.Tensor, v: torch.Tensor) -> bool:
 
     A persistent CTA walks every G-th query tile (G = its grid), so over a long kernel the CTAs drift apart and
     those running at once read the K/V of more than one head; the grid launch's CTAs are handed out in order by
-    the hardware and stay together. Where one head's K and V outgrow the L2, the drift costs DRAM traffic: at
-    75,600 keys (38.7 MB of K and V per head, 50 MiB of L2) the persistent launch read 36.8 GB from DRAM against
-    the grid's 9.3 GB, at 32,760 (16.8 MB) both read 1.8 GB (Nsight Compute on H100,
-    bench/results/attention-h100.md). Timed there: the grid 1.5-2 % faster at 49,152-75,600 keys, the two even
-    at 32,760, the persistent one ahead on short keys (Wan's 512 text keys: 13 %). Hence the persistent launch
-    while one head's K and V take at most a third of the L2."""
+    the hardware and stay together. Where one head's K and V outgrow the L2, the drift multiplies DRAM traffic
+    and the grid launch is faster; on short keys the persistent one is. Hence the persistent launch while one
+    head's K and V take at most a third of the L2 (the H100 measurements behind the rule: docs/attention.md)."""
     kv_bytes = k.shape[2] * (k.shape[3] * k.element_size() + v.shape[3] * v.element_size())
     return 3 * kv_bytes <= _l2_bytes(k.device.index or 0)
 
@@ -582,7 +569,7 @@ def hopper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_
     views = [readable(t) for t in (q, k, v)]
     if persistent is None:
         persistent = persistent_pays(k, v)
-    return _launch_into(views, q, k.shape[2], kv_len, out, return_lse, qk_scale=softmax_scale * _LOG2E,
+    return _launch_into(views, q, k.shape[2], kv_len, out, return_lse, qk_scale=softmax_scale * LOG2E,
                         persistent=persistent)
 
 
@@ -591,10 +578,8 @@ def hopper_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sof
                           persistent: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 Q.K^T, P.V in v's dtype, on inputs ``hopper_supports`` accepts; returns ``(out, lse)`` like
     ``hopper_attention``. Q and K are quantised first (``quantize_qk``), V is read in place. ``persistent`` stays
-    on by default: timed both ways (attention-h100.md) neither launch won at every length, so ``persistent_pays``,
-    measured on bf16, is not applied here."""
-    from smart_diffusion_backend.kernels.flash_attention import quantize_qk  # flash_attention imports this module
-
+    on by default: ``persistent_pays`` was derived from bf16 timings, and for int8 neither launch won at every
+    length."""
     batch, heads = q.shape[:2]
     q8, q_scale, k8, k_scale, k_mean = quantize_qk(q, k, softmax_scale, kv_len, int8=True)
     # quantize_qk's [B*H, S_pad, D] buffers, seen as heads outer [B, H, S_pad, D]

@@ -2,12 +2,10 @@
 
 Why: with ``fp8_linear`` the MLP of a DiT block is ``GEMM -> + bias -> GELU(tanh) -> quantise -> GEMM``. The
 quantisation needs each row's absolute maximum, and torch.compile's inductor turns that middle part into a
-reduction kernel that walks every row twice (once for the maximum, once to quantise). On Wan2.1-14B 480p
-(32,760 tokens × 13,824) it took 2.0 ms per block on an H100, 79 ms of a 2.4 s forward, for 1.36 GB of traffic.
-This kernel holds one row in registers (up to ``MAX_COLUMNS`` columns) and reads it once: 0.60 ms against
-inductor's 1.58 ms for that step alone, and the forward 37-42 ms faster (bench/results/rowwise-fp8-h100.md,
-transformer-step-wan480-h100.md). The attention output projections' inputs go through it too (0.17 against
-0.25 ms at 32,760 × 5,120): inductor has nothing to fuse their quantisation with there.
+reduction kernel that walks every row twice (once for the maximum, once to quantise). This kernel holds one row
+in registers (up to ``MAX_COLUMNS`` columns) and reads it once. The attention output projections' inputs go
+through it too: inductor has nothing to fuse their quantisation with there. Timings: docs/attention.md
+(fp8_linear) and bench/results/rowwise-fp8-h100.md.
 
 ``rowwise_fp8(x, bias=None, gelu_tanh=False) -> (q, scale)``: ``x`` is 2-D (copied row-major if it is not);
 with ``y = x (+ bias)``, ``GELU_tanh(y)`` when asked, computed in float32, ``scale = max|y| / 448`` per row (at
@@ -23,11 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from smart_diffusion_backend.kernels.flash_attention import _interpreting
+from smart_diffusion_backend.kernels.common import FP8_MAX, MAX_COMBINE, interpreting, jit_for_mode
 
 __all__ = ["rowwise_fp8", "rowwise_fp8_reference", "FP8_MAX", "MAX_COLUMNS"]
 
-FP8_MAX = 448.0  # largest finite float8 e4m3fn
 MIN_SCALE = 1e-12  # an all-zero row keeps a finite scale
 MAX_COLUMNS = 32768  # one row per program, in registers: 64 float32 values per thread at 16 warps
 
@@ -45,21 +42,11 @@ def _rowwise_fp8_kernel(x_ptr, bias_ptr, q_ptr, scale_ptr, n_cols, x_row_stride,
         u = 0.7978845608028654 * (y + 0.044715 * y * y * y)  # sqrt(2 / pi) (y + 0.044715 y^3)
         y = y / (1.0 + tl.exp(-2.0 * u))
     # columns past n_cols hold 0 (and GELU(0) = 0), so they do not move the maximum. tl.reduce with the standard
-    # combine function, not tl.max: see flash_attention.py on triton's @jit helpers and the interpreter.
-    scale = tl.maximum(tl.reduce(tl.abs(y), 0, tl.standard._elementwise_max), 1e-12) / 448.0
+    # combine function, not tl.max: see common.py on triton's @jit helpers and the interpreter.
+    scale = tl.maximum(tl.reduce(tl.abs(y), 0, MAX_COMBINE), 1e-12) / 448.0
     q = tl.minimum(tl.maximum(y / scale, -448.0), 448.0)
     tl.store(q_ptr + row * q_row_stride + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
     tl.store(scale_ptr + row, scale)
-
-
-_KERNELS: dict[bool, object] = {}
-
-
-def _kernel(interpret: bool):
-    # jitted lazily, per mode: TRITON_INTERPRET is read when the kernel is built (as flash_attention.py does)
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = triton.jit(_rowwise_fp8_kernel)
-    return _KERNELS[interpret]
 
 
 def rowwise_fp8_reference(x: torch.Tensor, bias: torch.Tensor | None = None,
@@ -76,7 +63,7 @@ def rowwise_fp8_reference(x: torch.Tensor, bias: torch.Tensor | None = None,
 
 def _launch(x: torch.Tensor, bias: torch.Tensor | None, gelu_tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = x.shape
-    interpret = _interpreting()
+    interpret = interpreting()
     # The interpreter's float32 -> e4m3 conversion drops the carry when rounding up into the next binade
     # (124.3 -> 64, not 128; triton 3.6): there the kernel stores float32 and torch converts. On a GPU it is
     # the hardware's round-to-nearest-even conversion.
@@ -85,9 +72,9 @@ def _launch(x: torch.Tensor, bias: torch.Tensor | None, gelu_tanh: bool) -> tupl
     if rows > 0:
         block = triton.next_power_of_2(cols)
         num_warps = max(4, min(16, block // 1024))
-        _kernel(interpret)[(rows, )](x, bias if bias is not None else x, q, scale, cols, x.stride(0), q.stride(0),
-                                     HAS_BIAS=bias is not None, GELU_TANH=gelu_tanh, BLOCK=block,
-                                     num_warps=num_warps)
+        kernel = jit_for_mode(_rowwise_fp8_kernel, interpret)  # jitted per mode: see common.py
+        kernel[(rows, )](x, bias if bias is not None else x, q, scale, cols, x.stride(0), q.stride(0),
+                         HAS_BIAS=bias is not None, GELU_TANH=gelu_tanh, BLOCK=block, num_warps=num_warps)
     return (q.to(torch.float8_e4m3fn) if interpret else q), scale
 
 
@@ -102,7 +89,7 @@ def _check(x: torch.Tensor, bias: torch.Tensor | None) -> None:
 def _rowwise_fp8(x: torch.Tensor, bias: torch.Tensor | None, gelu_tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    if x.shape[1] <= MAX_COLUMNS and (x.is_cuda or (_interpreting() and x.device.type == "cpu")):
+    if x.shape[1] <= MAX_COLUMNS and (x.is_cuda or (interpreting() and x.device.type == "cpu")):
         return _launch(x, bias, gelu_tanh)
     return rowwise_fp8_reference(x, bias, gelu_tanh)
 

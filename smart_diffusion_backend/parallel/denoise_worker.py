@@ -18,7 +18,8 @@ import torch
 
 from ..families import Embeddings, load_stage
 from ..params import ModelParams, SystemParams, UserParams
-from ..progress import DenoiseCancelled, StepReporter
+from ..errors import DenoiseCancelled
+from ..progress import StepReporter
 from .parallel_state import ParallelConfig
 from .transformer_sp import SPTransformerConfig, cfg_parallel, parallelize_transformer
 from .worker_pool import JobCancelledError, WorkerContext, WorkerPool, WorkerPoolError

@@ -4,13 +4,14 @@ field) and hands the text encoder the grant that lets the request through the in
 import triton_python_backend_utils as pb_utils
 
 from smart_diffusion_backend import triton_adapter as adapter
+from smart_diffusion_backend.orchestrator import RequestGate
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.setup = adapter.setup(pb_utils, args)
         self.gate = adapter.load_or_fail(
-            pb_utils, self.setup.name, lambda: adapter.RequestGate.load(self.setup.model_config, self.setup.system_config)
+            pb_utils, self.setup.name, lambda: RequestGate.load(self.setup.model_config, self.setup.system_config)
         )
 
     def execute(self, requests):

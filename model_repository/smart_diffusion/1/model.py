@@ -10,19 +10,20 @@ parameter stops within one denoising step.
 
 import triton_python_backend_utils as pb_utils
 
+from smart_diffusion_backend import orchestrator
 from smart_diffusion_backend import triton_adapter as adapter
 from smart_diffusion_backend.metrics import ServingMetrics
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.setup, self.pipeline = adapter.load_orchestrator(pb_utils, args)
+        self.setup, self.pipeline = orchestrator.load_orchestrator(pb_utils, args)
         self.metrics = ServingMetrics(pb_utils, args, self.setup.name)
-        self.admission = adapter.entry_admission(self.setup, self.pipeline)
+        self.admission = orchestrator.entry_admission(self.setup, self.pipeline)
 
     def execute(self, requests):
         for request in requests:
-            adapter.serve_admitted(
+            orchestrator.serve_admitted(
                 pb_utils, request, self.setup, self.pipeline, self.admission, self._generate, self.metrics
             )
         return None  # answered through each request's response sender

@@ -6,26 +6,23 @@ Admission as in smart_diffusion; a cancelled request stops its denoiser within o
 always ends with the final flag.
 """
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from smart_diffusion_backend import orchestrator
 from smart_diffusion_backend import triton_adapter as adapter
 from smart_diffusion_backend.metrics import ServingMetrics
-
-
-def _progress(step: int, total: int) -> dict:
-    return {"STEP": np.array([step], np.int32), "TOTAL_STEPS": np.array([total], np.int32)}
+from smart_diffusion_backend.wire import progress_tensors
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.setup, self.pipeline = adapter.load_orchestrator(pb_utils, args)
+        self.setup, self.pipeline = orchestrator.load_orchestrator(pb_utils, args)
         self.metrics = ServingMetrics(pb_utils, args, self.setup.name)
-        self.admission = adapter.entry_admission(self.setup, self.pipeline)
+        self.admission = orchestrator.entry_admission(self.setup, self.pipeline)
 
     def execute(self, requests):
         for request in requests:
-            adapter.serve_admitted(
+            orchestrator.serve_admitted(
                 pb_utils, request, self.setup, self.pipeline, self.admission, self._stream, self.metrics
             )
         return None
@@ -33,12 +30,12 @@ class TritonPythonModel:
     def _stream(self, params, sender, job):
         outputs = self.pipeline.run(
             params,
-            on_progress=lambda step, total: sender.send(adapter.response(pb_utils, _progress(step, total))),
+            on_progress=lambda step, total: sender.send(adapter.response(pb_utils, progress_tensors(step, total))),
             cancel_check=job.cancelled,
             timeout_s=job.timeout_s,
             arrived=job.arrived,
         )
-        outputs.update(_progress(params.steps, params.steps))
+        outputs.update(progress_tensors(params.steps, params.steps))
         return outputs
 
     def finalize(self):
