@@ -86,10 +86,19 @@ class Admission:
 
     WATCH_S = 0.05  # how often waiting jobs are checked for expiry and cancellation
 
-    def __init__(self, name: str, slots: int, max_queue_size: int, max_queue_delay_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        slots: int,
+        max_queue_size: int,
+        max_queue_delay_s: float,
+        on_waiting: Callable[[int], None] = lambda count: None,
+    ) -> None:
+        """`on_waiting(count)` hears every change of the number of waiting requests (a metrics gauge)."""
         if slots < 1:
             raise ValueError(f"slots={slots} must be >= 1")
         self.name, self.max_queue_size, self.max_queue_delay_s = name, max_queue_size, max_queue_delay_s
+        self.on_waiting = on_waiting
         self.cost = CostModel()
         self._waiting: collections.deque[Job] = collections.deque()
         self._running_jobs: dict[int, Job] = {}
@@ -113,6 +122,7 @@ class Admission:
                 raise Refused(f"{self.name}: {len(self._waiting)} requests are waiting, the queue's limit; retry later")
             self._check_predicted(job)
             self._waiting.append(job)
+            self.on_waiting(len(self._waiting))
             self._lock.notify_all()
 
     def _check_predicted(self, job: Job) -> None:
@@ -158,6 +168,7 @@ class Admission:
                 if not self._waiting:
                     return
                 job = self._waiting.popleft()
+                self.on_waiting(len(self._waiting))
                 refusal = self._expired(job, time.monotonic())
                 if refusal is None:
                     job.started = time.monotonic()
@@ -184,6 +195,8 @@ class Admission:
                 expired = [(job, why) for job in self._waiting if (why := self._expired(job, now)) is not None]
                 for job, _ in expired:
                     self._waiting.remove(job)
+                if expired:
+                    self.on_waiting(len(self._waiting))
                 self._lock.wait(self.WATCH_S)
             for job, why in expired:
                 self._answer(job.refuse, why)
@@ -205,6 +218,7 @@ class Admission:
             self._closed = True
             leftover = list(self._waiting)
             self._waiting.clear()
+            self.on_waiting(0)
             self._lock.notify_all()
         for job in leftover:
             self._answer(job.refuse, Refused(f"{self.name}: the server is shutting down"))

@@ -9,6 +9,7 @@ Every Triton model instance is its own process, so each series carries `model`, 
 | smart_diffusion_stage_seconds | histogram | stage | each stage model's execute, `pipeline` = orchestrator end to end |
 | smart_diffusion_requests_total | counter | outcome: success, invalid_arg, cancelled, unavailable, error | every model |
 | smart_diffusion_requests_in_flight | gauge | | orchestrators, denoiser |
+| smart_diffusion_requests_waiting | gauge | | orchestrators: requests in the admission's queue |
 | smart_diffusion_denoise_steps_total | counter | | denoiser |
 | smart_diffusion_denoise_seconds_total | counter | | denoiser (steps/s = rate(steps) / rate(seconds)) |
 | smart_diffusion_denoise_steps_per_second | gauge | | denoiser, last request |
@@ -16,7 +17,8 @@ Every Triton model instance is its own process, so each series carries `model`, 
 | smart_diffusion_cache_block_evals_total | counter | | denoiser (STATS.cache) |
 | smart_diffusion_pool_restarts_total | counter | | denoiser's worker pool respawns |
 
-Queue depth is Triton's own `nv_inference_pending_request_count{model=...}`.
+Queue depth: the orchestrators queue in their own admission (`requests_waiting`); the ensemble's gate and
+the stages queue in Triton (`nv_inference_pending_request_count{model=...}`).
 
 Lifecycle: create in initialize(), `close()` in finalize(); the backend wants Metric objects deleted
 before their MetricFamily (a hot upgrade unloads a version while another keeps serving).
@@ -37,6 +39,7 @@ _FAMILIES: dict[str, tuple[str, str]] = {  # name -> (kind, help)
     "stage_seconds": ("HISTOGRAM", "Latency of one pipeline stage per request (stage=pipeline: end to end)"),
     "requests_total": ("COUNTER", "Requests answered, by outcome"),
     "requests_in_flight": ("GAUGE", "Requests this instance is working on (orchestrators, denoiser)"),
+    "requests_waiting": ("GAUGE", "Requests waiting in this entry model's admission queue"),
     "denoise_steps_total": ("COUNTER", "Denoising steps run"),
     "denoise_seconds_total": ("COUNTER", "Seconds spent in denoise loops"),
     "denoise_steps_per_second": ("GAUGE", "Denoising steps per second of the last request"),
@@ -136,6 +139,10 @@ class ServingMetrics:
         cache = stats.get("cache") or {}
         self._metric("cache_steps_skipped_total").increment(int(cache.get("cache_steps_skipped", 0)))
         self._metric("cache_block_evals_total").increment(int(cache.get("cache_block_evals", 0)))
+
+    def set_waiting(self, count: int) -> None:
+        if self.enabled:
+            self._metric("requests_waiting").set(count)
 
     def set_pool_restarts(self, total: int) -> None:
         """Raise the counter to `total` (the pool counts its own restarts)."""

@@ -63,9 +63,10 @@ class RequestGate:
         return {"STATS": text_encoder_grant(self.key, self.model.name, text_inputs)}
 
 
-def entry_admission(model_setup: ModelSetup, pipeline: "PipelineOrchestrator") -> Admission:
+def entry_admission(model_setup: ModelSetup, pipeline: "PipelineOrchestrator", metrics: Any = None) -> Admission:
     system = pipeline.system
-    return Admission(model_setup.name, PIPELINE_SLOTS, system.max_queue_size, system.max_queue_delay_s)
+    on_waiting = metrics.set_waiting if metrics is not None else (lambda count: None)
+    return Admission(model_setup.name, PIPELINE_SLOTS, system.max_queue_size, system.max_queue_delay_s, on_waiting)
 
 
 def serve_admitted(

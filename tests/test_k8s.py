@@ -3,6 +3,7 @@ and consistent with each other and with the server (probes, ports, GPU request, 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -52,4 +53,18 @@ def test_deployment_service_and_hpa_fit_together():
     adapter = yaml.safe_load(docs["ConfigMap/prometheus-adapter-smart-diffusion"]["data"]["config.yaml"])
     exposed = {rule["name"]["as"] for rule in adapter["rules"]}
     assert metric["pods"]["metric"]["name"] in exposed
-    assert all("nv_inference_pending_request_count" in rule["seriesQuery"] for rule in adapter["rules"])
+    for rule in adapter["rules"]:  # the admission queues and Triton's (ensemble path) both count
+        assert "smart_diffusion_requests_waiting" in rule["seriesQuery"]
+        assert {"smart_diffusion_requests_waiting", "nv_inference_pending_request_count"} <= set(
+            re.findall(r"\w+(?=\{)", rule["metricsQuery"])
+        )
+
+
+def test_network_policy_admits_inference_and_metrics_to_the_pods_ports():
+    docs = documents()
+    policy = docs["NetworkPolicy/smart-diffusion"]["spec"]
+    labels = docs["Deployment/smart-diffusion"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["policyTypes"] == ["Ingress"]  # everything else inbound is denied
+    ports = [{p["port"] for p in rule["ports"]} for rule in policy["ingress"]]
+    assert ports == [{8000, 8001}, {8002}]

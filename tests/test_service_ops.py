@@ -96,6 +96,8 @@ def test_metrics_are_exported_and_move(ops_server):
     assert ("smart_diffusion_pool_restarts_total", frozenset()) not in after  # always labelled
     assert any(name == "smart_diffusion_pool_restarts_total" for name, _ in after)
     assert any(name == "nv_inference_pending_request_count" for name, _ in after)  # queue depth: Triton's
+    waiting = [v for (name, labels), v in after.items() if name == "smart_diffusion_requests_waiting"]
+    assert waiting and sum(waiting) == 0  # the admission queues' gauge exists and is empty now
     assert total(after, "smart_diffusion_requests_in_flight") == 0
 
 

@@ -19,7 +19,7 @@ class TritonPythonModel:
     def initialize(self, args):
         self.setup, self.pipeline = orchestrator.load_orchestrator(pb_utils, args)
         self.metrics = ServingMetrics(pb_utils, args, self.setup.name)
-        self.admission = orchestrator.entry_admission(self.setup, self.pipeline)
+        self.admission = orchestrator.entry_admission(self.setup, self.pipeline, self.metrics)
 
     def execute(self, requests):
         for request in requests:
