@@ -27,7 +27,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from smart_diffusion_backend.kernels import flash_attention  # noqa: E402
-from smart_diffusion_backend.kernels.flash_attention import _build_kernels, _launch_bf16  # noqa: E402
+from smart_diffusion_backend.kernels.flash_attention import _build_kernels, portable_attention  # noqa: E402
 from smart_diffusion_backend.kernels.hopper_attention import (  # noqa: E402
     hopper_attention,
     hopper_int8_attention,
@@ -105,7 +105,7 @@ def correctness_checks() -> list[dict]:
                 for kernel in kernels:
                     out = torch.full_like(q, float("nan"))  # poisoned: any unwritten element fails the check
                     if kernel == "portable":
-                        out, lse = _launch_bf16(q, k, v, head_dim ** -0.5, kv_len, True, out, allow_hopper=False)
+                        out, lse = portable_attention(q, k, v, head_dim ** -0.5, kv_len, True, out)
                     elif kernel in ("hopper_grid", "hopper_persistent"):
                         out, lse = hopper_attention(q, k, v, head_dim ** -0.5, kv_len, True, out,
                                                     persistent=kernel == "hopper_persistent")
@@ -161,7 +161,7 @@ def speed(sizes: list[int], precisions: list[str]) -> list[dict]:
             results[name] = do_bench(fn, warmup=50, rep=rep, return_mode="median")
             if precision == "bf16":
                 scale = head_dim ** -0.5
-                portable = lambda: _launch_bf16(q, k, v, scale, None, False, allow_hopper=False)  # noqa: E731
+                portable = lambda: portable_attention(q, k, v, scale, None, False)  # noqa: E731
                 portable()
                 results["triton_portable"] = do_bench(portable, warmup=50, rep=rep, return_mode="median")
             if hopper_supports(q, k, v, None) and precision in ("bf16", "int8"):

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from smart_diffusion_backend.kernels import flash_attention  # noqa: E402
 from smart_diffusion_backend.kernels import hopper_attention as hopper  # noqa: E402
-from smart_diffusion_backend.kernels.flash_attention import _launch_bf16, flash_attention  # noqa: E402
+from smart_diffusion_backend.kernels.flash_attention import portable_attention  # noqa: E402
 
 
 def issue_us(fn, args, calls: int) -> dict:
@@ -73,7 +74,7 @@ def main() -> None:
         "three TMA descriptors": descriptors,
         "hopper launch()": launch_only,
         "hopper_attention()": lambda q, k, v: hopper.hopper_attention(q, k, v, 0.1, None, False),
-        "portable kernel": lambda q, k, v: _launch_bf16(q, k, v, 0.1, None, False, allow_hopper=False),
+        "portable kernel": lambda q, k, v: portable_attention(q, k, v, 0.1, None, False),
         "sdpa eager": F.scaled_dot_product_attention,
         "ours eager": flash_attention,
         "ours via torch.ops custom op": ours_op,

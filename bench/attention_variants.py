@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=2, help="configs per variant timed at every size")
     args = parser.parse_args()
     from triton.testing import do_bench
-    from smart_diffusion_backend.kernels.flash_attention import flash_attention
+    from smart_diffusion_backend.kernels import flash_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dev, dtype = "cuda", torch.bfloat16

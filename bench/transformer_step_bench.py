@@ -1,7 +1,7 @@
 """One denoiser forward of real-architecture Flux.1-dev (1024², 512 text tokens) and Wan2.1-14B (480p, 81
 frames), random bf16 weights (timing does not depend on weight values), in one run on one GPU:
 
-    eager diffusers (default SDPA)  |  our triton attention  |  our triton_fp8  |  ours + regional compile
+    eager diffusers (default SDPA)  |  our triton attention  |  our triton_int8  |  ours + regional compile
     [| diffusers SDPA + regional compile, with --compile-baseline]
     | ours + fp8_linear, inputs quantised by inductor | SDPA / ours + fp8_linear (e4m3 GEMMs in the blocks, GELU
       MLPs fused and attention outputs quantised by kernels/rowwise_fp8.py) + regional compile  [unless
@@ -115,7 +115,7 @@ def bench_model(name: str, build, make_inputs, runs: int, compile_baseline: bool
     record("diffusers eager (SDPA default)")
     default_processors = model.attn_processors
 
-    for backend in ("triton", "triton_fp8"):
+    for backend in ("triton", "triton_int8"):
         install_attention(model, attention_for(backend))
         with torch.inference_mode():
             out = model(**inputs)[0].float()
