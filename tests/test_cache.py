@@ -25,6 +25,7 @@ from smart_diffusion_backend.cache.session import _newton
 from smart_diffusion_backend.families.base import Embeddings
 from smart_diffusion_backend.errors import ConfigError
 from smart_diffusion_backend.params import UserParams
+from smart_diffusion_backend.parallel import parallel_state as ps
 
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 STEPS = 16
@@ -73,9 +74,9 @@ def wan_inputs(seed: int = 0, scale: float = 1.0):
     return latents, torch.randn(1, 8, 32, generator=g), torch.randn(1, 8, 32, generator=g)
 
 
-def run_wan(transformer, config, seed=0, steps=STEPS):
+def run_wan(transformer, config, seed=0, steps=STEPS, reduce=None):
     latents, cond, uncond = wan_inputs(seed)
-    return wan_denoise(transformer, wan_scheduler(), latents, cond, uncond, 5.0, steps, config)
+    return wan_denoise(transformer, wan_scheduler(), latents, cond, uncond, 5.0, steps, config, reduce=reduce)
 
 
 @pytest.fixture(scope="module")
@@ -355,6 +356,9 @@ def _flux_steps(denoiser, embeddings, params, config):
 
 
 class _CacheRank:
+    """One rank of a 2-process pool; its loops pass the max over the ranks as the cache's ``reduce``, as the
+    denoiser's worker pool does."""
+
     def __init__(self, ctx):
         self.ctx = ctx
         self.wan = make_wan()  # same weights on every rank
@@ -363,7 +367,8 @@ class _CacheRank:
         """Each rank denoises different inputs (no SP sharding): only the metric all-reduce couples them."""
         config = CacheConfig(policy="teacache", threshold=threshold, max_consecutive_skips=3, sync_ranks=sync)
         latents, cond, uncond = wan_inputs(seed=10 + 7 * self.ctx.rank, scale=1.0 + 2.0 * self.ctx.rank)
-        _, stats = wan_denoise(self.wan, wan_scheduler(), latents, cond, uncond, 5.0, STEPS, config)
+        _, stats = wan_denoise(self.wan, wan_scheduler(), latents, cond, uncond, 5.0, STEPS, config,
+                               reduce=ps.all_reduce_max)
         return stats["cache_schedule"]
 
     def sequence_parallel(self, threshold: float):
@@ -373,7 +378,7 @@ class _CacheRank:
         handle = parallelize_transformer(self.wan)
         try:
             config = CacheConfig(policy="fbc", threshold=threshold, max_consecutive_skips=3)
-            out, stats = run_wan(self.wan, config)
+            out, stats = run_wan(self.wan, config, reduce=ps.all_reduce_max)
         finally:
             handle.remove()
         return stats["cache_schedule"], out

@@ -15,7 +15,7 @@ See docs/cache.md for the policies, the model-yaml schema and the integration re
 
 from .config import FORECASTS, POLICIES, CacheConfig, validate_model_cache
 from .hooks import BLOCK_HOOK, HEAD_HOOK, TAIL_HOOK, CacheHookSet
-from .session import BranchState, CacheSession, NoCacheSession, request_cache
+from .session import BranchState, CacheSession, MetricReduce, NoCacheSession, request_cache
 
 __all__ = [
     "CacheConfig",
@@ -23,6 +23,7 @@ __all__ = [
     "CacheSession",
     "NoCacheSession",
     "BranchState",
+    "MetricReduce",
     "request_cache",
     "validate_model_cache",
     "POLICIES",

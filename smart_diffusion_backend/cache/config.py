@@ -59,7 +59,7 @@ class CacheConfig:
     forecast: str = "none"  # "taylor1"/"taylor2": extrapolate the cached residual over skipped steps
     rescale: tuple[float, ...] | None = None  # teacache: np.polyval coefficients applied to the raw change
     ratio: float = 1.0  # the user's CACHE_RATIO this came from (reported in STATS)
-    sync_ranks: bool = True  # all-reduce (max) the metric over the world under sequence parallelism
+    sync_ranks: bool = True  # pass the metric through the session's reduce (agreement across ranks), when it has one
     schedule: str | None = None  # benchmarks: replay a fixed "C"/"S" pattern (per forward) instead of deciding
 
     def __post_init__(self) -> None:

@@ -35,12 +35,13 @@ def wan_denoise(
     guidance_scale: float,
     steps: int,
     config: CacheConfig | None,
+    reduce=None,
 ) -> tuple[torch.Tensor, dict]:
     """WanPipeline's loop (fresh ``scheduler`` per request) with a cache: -> (latents [B, C, F, H, W], stats)."""
     scheduler.set_timesteps(steps, device=latents.device)
     timesteps = scheduler.timesteps
     do_cfg = negative_prompt_embeds is not None and guidance_scale > 1.0
-    with request_cache(transformer, config, total_steps=len(timesteps)) as cache:
+    with request_cache(transformer, config, total_steps=len(timesteps), reduce=reduce) as cache:
         for i, t in enumerate(timesteps):
             cache.step(i)
             latent_model_input = latents.to(transformer.dtype)

@@ -21,10 +21,11 @@ is called, the k-th forward of a step is branch ``"call<k>"``; otherwise everyth
 ``"default"`` whose k-th forward is step k. ``branch(name)`` also (re)activates its session, so calls
 of two open sessions can be interleaved freely.
 
-Under sequence parallelism (``parallel_state`` initialised, SP world > 1) the metric compared with the
-threshold is all-reduced (max) over the world's control group, so every rank takes the same decision;
-forced decisions (warm-up, cool-down, max consecutive skips) depend only on the step index and on earlier
-(already agreed) decisions, so no collective is spent on them.
+Ranks that each hold part of the sequence must take the same decision. Whoever runs the loop passes
+``reduce``: a callable that makes one float the same on every rank (the sequence-parallel pool passes the
+max over its ranks); without it, as in one process, each session decides on its own metric. Forced
+decisions (warm-up, cool-down, max consecutive skips) depend only on the step index and on earlier
+(already agreed) decisions, so ``reduce`` is not called for them.
 """
 
 from __future__ import annotations
@@ -35,20 +36,30 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..parallel import parallel_state as ps
 from .config import CacheConfig
 from .hooks import CacheHookSet, _unwrap, push_active, relative_l1, reset_active
 
-__all__ = ["request_cache", "CacheSession", "NoCacheSession", "BranchState"]
+__all__ = ["request_cache", "CacheSession", "NoCacheSession", "BranchState", "MetricReduce"]
+
+# Makes a decision metric the same on every rank (e.g. the max over the ranks of a sequence-parallel group).
+MetricReduce = Callable[[float], float]
 
 
-def request_cache(transformer: torch.nn.Module, config: CacheConfig | None, total_steps: int) -> "CacheSession | NoCacheSession":
-    """A context manager with the cache state of one request (``config=None``: no cache, no hooks)."""
+def request_cache(
+    transformer: torch.nn.Module,
+    config: CacheConfig | None,
+    total_steps: int,
+    *,
+    reduce: MetricReduce | None = None,
+) -> "CacheSession | NoCacheSession":
+    """A context manager with the cache state of one request (``config=None``: no cache, no hooks).
+
+    ``reduce``: how ranks that share this forward agree on a metric (None: this process decides alone)."""
     if int(total_steps) < 1:
         raise ValueError(f"request_cache: total_steps must be >= 1, got {total_steps}")
     if config is None:
         return NoCacheSession(transformer, int(total_steps))
-    return CacheSession(transformer, config, int(total_steps))
+    return CacheSession(transformer, config, int(total_steps), reduce=reduce)
 
 
 class _Branch:
@@ -146,14 +157,15 @@ class NoCacheSession(_SessionBase):
 class CacheSession(_SessionBase):
     """The cache state of one request: one :class:`BranchState` per CFG branch."""
 
-    def __init__(self, transformer: torch.nn.Module, config: CacheConfig, total_steps: int):
+    def __init__(
+        self, transformer: torch.nn.Module, config: CacheConfig, total_steps: int, reduce: MetricReduce | None = None
+    ):
         super().__init__(transformer, total_steps)
         self.config = config
         self.policy = config.policy
         self._branches: dict[str, BranchState] = {}
         self._ordinal = 0
-        # Identical on every rank: sync only where the layout shards the sequence.
-        self._sync = config.sync_ranks and ps.is_initialized() and ps.get_sp_world_size() > 1
+        self._reduce = reduce if config.sync_ranks else None
 
     def _open(self) -> None:
         if self._closed:
@@ -202,8 +214,8 @@ class CacheSession(_SessionBase):
         return step < cfg.warmup_steps or step >= self.total_steps - cfg.cooldown_steps
 
     def agree(self, metric: float) -> float:
-        """The metric every rank decides on: the max over ranks under sequence parallelism."""
-        return float(ps.all_reduce_max(float(metric))) if self._sync else metric
+        """The metric every rank decides on: ``reduce(metric)``, or the local metric without one."""
+        return float(self._reduce(float(metric))) if self._reduce is not None else metric
 
     # ---- reporting ------------------------------------------------------------------------------
     def decisions(self, branch: str) -> str:

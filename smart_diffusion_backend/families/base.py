@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from ..cache import CacheConfig, validate_model_cache
+from ..cache import CacheConfig, MetricReduce, request_cache, validate_model_cache
 from ..params import ModelParams, SystemParams, UserParams, parse_user_params
 
 logger = logging.getLogger(__name__)
@@ -89,10 +89,13 @@ class DenoiserStage(Stage):
     """Owns the transformer and the denoising loop.
 
     `transformer` may be passed in (a pool worker passes its sequence-parallel one); `run_branches`
-    decides how the conditional and unconditional passes of classifier-free guidance run.
+    decides how the conditional and unconditional passes of classifier-free guidance run;
+    `reduce_metric` how the ranks that share each forward agree on a cache decision (None: one process,
+    nothing to agree on; a sequence-parallel pool sets the max over its ranks).
     """
 
     run_branches: BranchRunner = staticmethod(run_branches_sequentially)
+    reduce_metric: MetricReduce | None = None
 
     def __init__(self, model: ModelParams, system: SystemParams):
         super().__init__(model, system)
@@ -164,6 +167,10 @@ class DenoiserStage(Stage):
         if override == "model":
             return CacheConfig.from_model_cache(self.model.cache, params.cache_ratio)
         return override
+
+    def open_cache(self, transformer: torch.nn.Module, config: CacheConfig | None, total_steps: int):
+        """The feature-cache session of one request on `transformer` (no hooks when `config` is None)."""
+        return request_cache(transformer, config, total_steps, reduce=self.reduce_metric)
 
     @abstractmethod
     def denoise(

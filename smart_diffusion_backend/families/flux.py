@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..cache import CacheConfig, request_cache
+from ..cache import CacheConfig
 from ..params import UserParams
 from .base import DecoderStage, DenoiserStage, Embeddings, StepCallback, TextEncoderStage, to_uint8
 
@@ -118,7 +118,7 @@ class FluxDenoiser(DenoiserStage):
 
         # 2. Denoising loop, with this request's own feature cache (none at CACHE_RATIO 0)
         cache_config = self.cache_config_for(params, cache_config)
-        with request_cache(self.transformer, cache_config, total_steps=len(timesteps)) as cache:
+        with self.open_cache(self.transformer, cache_config, total_steps=len(timesteps)) as cache:
             for i, t in enumerate(timesteps):
                 cache.step(i)
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)

@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, WanPipeline, WanTransformer3DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..cache import CacheConfig, request_cache
+from ..cache import CacheConfig
 from ..errors import ParamError
 from ..params import UserParams
 from .base import DecoderStage, DenoiserStage, Embeddings, StepCallback, TextEncoderStage, to_uint8
@@ -171,7 +171,7 @@ class WanDenoiser(DenoiserStage):
         cache_config = self.cache_config_for(params, cache_config)
         with contextlib.ExitStack() as stack:
             caches = [
-                stack.enter_context(request_cache(m, cache_config, total_steps=len(timesteps)))
+                stack.enter_context(self.open_cache(m, cache_config, total_steps=len(timesteps)))
                 for m in (self.transformer, self.transformer_2)
                 if m is not None
             ]

@@ -20,6 +20,7 @@ from ..families import Embeddings, load_stage
 from ..params import ModelParams, SystemParams, UserParams
 from ..errors import DenoiseCancelled
 from ..progress import StepReporter
+from . import parallel_state as ps
 from .parallel_state import ParallelConfig
 from .transformer_sp import SPTransformerConfig, cfg_parallel, parallelize_transformer
 from .worker_pool import JobCancelledError, WorkerContext, WorkerPool, WorkerPoolError
@@ -38,6 +39,9 @@ class DenoiseWorker:
             self.sp_handle = parallelize_transformer(
                 self.stage.transformer, SPTransformerConfig(attention_backend=self.system.attention_backend)
             )
+            # Each rank's blocks see only its chunk of the sequence: cache decisions take the max over ranks,
+            # so every rank skips (or computes) the same forwards and the collectives stay in step.
+            self.stage.reduce_metric = ps.all_reduce_max
         if ctx.parallel.cfg_degree > 1:
             self.stage.run_branches = cfg_parallel
         if system.compile_transformer:
