@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from smart_diffusion_backend.cache import CacheConfig, request_cache  # noqa: E402
-from smart_diffusion_backend.cache.loops import flux_denoise  # noqa: E402
+from smart_diffusion_backend.cache import CacheConfig  # noqa: E402
+from smart_diffusion_backend.families import family, load_stage  # noqa: E402
 from smart_diffusion_backend.params import ModelParams, SystemParams, UserParams  # noqa: E402
 
 # Used only when the model yaml has no `cache:` section yet (docs/cache.md proposes these for the yamls).
@@ -109,42 +109,23 @@ class FamilyRunner:
 
     def __init__(self, model: ModelParams, system: SystemParams):
         self.model = model
-        if model.family == "flux":
-            from smart_diffusion_backend.families.flux import FluxDecoder, FluxDenoiser, FluxTextEncoder
-
-            self.encoder, self.denoiser, self.decoder = (
-                FluxTextEncoder(model, system), FluxDenoiser(model, system), FluxDecoder(model, system))
-        elif model.family == "wan":
-            from smart_diffusion_backend.families import wan
-
-            self.encoder = wan.WanTextEncoder(model, system)
-            self.denoiser = wan.WanDenoiser(model, system)
-            self.decoder = wan.WanDecoder(model, system)
-        else:
-            raise SystemExit(f"cache_bench: family {model.family!r} is not supported (flux, wan)")
+        self.encoder, self.denoiser, self.decoder = (
+            load_stage(kind, model, system) for kind in ("text_encoder", "denoiser", "decoder"))
         self.transformer = self.denoiser.transformer
-        self.n_blocks = _n_blocks(self.transformer)
+        self.n_blocks = len(family(model.family).blocks(self.transformer))
 
     def encode(self, prompt: str):
         negative = "" if not self.model.negative_prompt else "blurry, low quality"
         return self.encoder.encode(prompt, negative or None)
 
     def denoise(self, embeddings, params: UserParams, config: CacheConfig | None) -> tuple[torch.Tensor, dict]:
-        if self.model.family == "flux":
-            return flux_denoise(self.denoiser, embeddings, params, config)
-        # WanDenoiser.denoise names its branches and steps through transformer.cache_context(...)
-        with request_cache(self.transformer, config, total_steps=params.steps) as cache:
-            latents = self.denoiser.denoise(embeddings, params)
-        return latents, cache.stats()
+        """The family's own denoise loop with an explicit cache config (a CacheConfig or None)."""
+        stats: dict = {}
+        latents = self.denoiser.denoise(embeddings, params, stats=stats, cache_config=config)
+        return latents, stats
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         return self.decoder.decode(latents)
-
-
-def _n_blocks(transformer) -> int:
-    if hasattr(transformer, "single_transformer_blocks"):
-        return len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
-    return len(transformer.blocks)
 
 
 def _prompts(n: int) -> tuple[list[str], bool]:

@@ -1,5 +1,8 @@
 """The exact shapes of the tensors between the stages, from the weights' own configs (torch-free).
 
+The model's family reads its dimensions from the weights (``Family.wire_dims``, families/<name>/spec.py);
+this module turns them into the shapes config.pbtxt declares and the checks every stage runs.
+
 Every stage checks what it receives against these before it touches the data: a tensor of the wrong
 rank, width or size is refused by its shape alone (INVALID_ARG naming the field), never decoded or
 fed to a transformer. The repository generator writes the fixed dimensions into config.pbtxt, so
@@ -13,47 +16,12 @@ Triton itself refuses a mismatching tensor before it reaches the model's process
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Sequence
 
 from .errors import ConfigError, ParamError
+from .families import family
 from .params import ModelParams, Range, SystemParams
-
-
-def _read_config(weights: Path, component: str) -> dict[str, Any]:
-    path = Path(weights) / component / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
-
-
-def _flux_dims(weights: Path) -> dict[str, int | None]:
-    transformer, vae = _read_config(weights, "transformer"), _read_config(weights, "vae")
-    return {
-        "text_dim": int(transformer["joint_attention_dim"]),
-        "pooled_dim": int(transformer["pooled_projection_dim"]),
-        "channels": int(vae["latent_channels"]),
-        "spatial_scale": 2 ** (len(vae["block_out_channels"]) - 1),  # as FluxPipeline.__init__
-        "temporal_scale": None,
-    }
-
-
-def _wan_dims(weights: Path) -> dict[str, int | None]:
-    transformer, vae = _read_config(weights, "transformer"), _read_config(weights, "vae")
-    return {
-        "text_dim": int(transformer["text_dim"]),
-        "pooled_dim": 0,
-        "channels": int(vae["z_dim"]),
-        # AutoencoderKLWan's defaults, for configs written before these keys existed
-        "spatial_scale": int(vae.get("scale_factor_spatial", 8)),
-        "temporal_scale": int(vae.get("scale_factor_temporal", 4)),
-    }
-
-
-_FAMILY_DIMS: dict[str, Callable[[Path], dict[str, int | None]]] = {"flux": _flux_dims, "wan": _wan_dims}
 
 
 @dataclass(frozen=True)
@@ -69,17 +37,21 @@ class StageShapes:
 
     @classmethod
     def load(cls, model: ModelParams) -> "StageShapes":
-        if model.family not in _FAMILY_DIMS:
-            raise ConfigError(f"no stage shapes for family {model.family!r}; known: {sorted(_FAMILY_DIMS)}")
         try:
-            dims = _FAMILY_DIMS[model.family](model.weights)
+            wire_dims = family(model.family).wire_dims
+        except ValueError as exc:
+            raise ConfigError(f"no stage shapes: {exc}") from None
+        try:
+            dims = wire_dims(model.weights)
+        except ConfigError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{model.weights}: config lacks a stage dimension ({exc!r})") from exc
         return cls(
             model=model,
             text_rows=2 if model.negative_prompt else 1,
             text_len=model.max_sequence_length,
-            **dims,  # type: ignore[arg-type]
+            **asdict(dims),
         )
 
     # -- what config.pbtxt declares ------------------------------------------------------------

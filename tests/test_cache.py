@@ -86,7 +86,7 @@ def wan():
 
 @pytest.fixture(scope="module")
 def flux(tiny_flux, cpu_system):
-    from smart_diffusion_backend.families.flux import FluxDenoiser
+    from smart_diffusion_backend.families.flux.stages import FluxDenoiser
 
     return FluxDenoiser(tiny_flux, cpu_system)
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from smart_diffusion_backend.attention.processors import FluxPluggableAttnProcessor, WanPluggableAttnProcessor
+from smart_diffusion_backend.families.flux.attention import FluxPluggableAttnProcessor
+from smart_diffusion_backend.families.wan.attention import WanPluggableAttnProcessor
 from smart_diffusion_backend.params import SystemParams, parse_user_params
 from smart_diffusion_backend.service import load_stage
 

@@ -36,7 +36,7 @@ LAYER_OF = {top: index for index, (_, tops) in enumerate(LAYERS) for top in tops
 # request gate), and what they read about a family: none of it may import torch.
 TORCH_FREE = (
     "params", "wire", "errors", "progress", "admission", "metrics", "stage_guard",
-    "stage_shapes", "repository", "orchestrator", "triton_adapter", "serving", "upgrade",
+    "families", "stage_shapes", "repository", "orchestrator", "triton_adapter", "serving", "upgrade",
 )
 
 _PROBE = r"""
@@ -95,3 +95,22 @@ def test_the_parallel_package_imports_nothing_up_front():
 def test_torch_free_modules_do_not_import_torch():
     probe = _probe([f"{PACKAGE}.{top}" for top in TORCH_FREE], walk=False)
     assert probe["torch"] is False, "a torch-free module imported torch"
+
+
+def test_family_specs_and_their_wire_shapes_need_no_torch(tiny_flux):
+    from .test_wan import ensure_tiny_wan
+
+    models = [tiny_flux.name, ensure_tiny_wan().name]
+    code = (
+        "import sys\n"
+        "from smart_diffusion_backend.families import FOLDERS, family\n"
+        "from smart_diffusion_backend.params import ModelParams\n"
+        "from smart_diffusion_backend.stage_shapes import StageShapes\n"
+        "for name in FOLDERS:\n"
+        "    family(name)\n"
+        f"for name in {models!r}:\n"
+        "    StageShapes.load(ModelParams.load(name))\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -14,17 +14,16 @@ Per forward of the block stack ``blocks[0] .. blocks[n-1]``:
 * block hooks on ``blocks[1:]`` pass their inputs through while skipping, run the block otherwise;
 * the tail hook (``blocks[n-1]``) records the residual of a computed forward and ends the forward.
 
-Flux: the stack is ``transformer_blocks + single_transformer_blocks`` (both take ``hidden_states`` /
-``encoder_hidden_states`` and return ``(encoder_hidden_states, hidden_states)``); both streams are cached.
-Wan: ``blocks`` (positional ``(hidden_states, encoder_hidden_states, temb, rotary_emb)`` -> hidden_states);
-the text context is not a stream of the stack, so only ``hidden_states`` is cached.
+Which blocks form the stack, and how a block takes and returns its streams, is the model family's to say
+(``Family.block_stacks`` and ``Family.cache_points``, families/spec.py): the hooks ask the family they were
+given, or the one that registers the transformer's class.
 """
 
 from __future__ import annotations
 
 import contextvars
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -33,7 +32,8 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 if TYPE_CHECKING:
     from .session import BranchState
 
-__all__ = ["CacheHookSet", "DiffusersContext", "HEAD_HOOK", "BLOCK_HOOK", "TAIL_HOOK", "relative_l1"]
+__all__ = ["CacheHookSet", "DiffusersContext", "HEAD_HOOK", "BLOCK_HOOK", "TAIL_HOOK", "StackFamily", "family_for",
+           "relative_l1"]
 
 HEAD_HOOK = "smart_diffusion_cache_head"
 BLOCK_HOOK = "smart_diffusion_cache_block"
@@ -75,90 +75,41 @@ def relative_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
     return num_v / den_v if den_v > 0 else 0.0
 
 
-def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], name: str, index: int) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    if len(args) > index:
-        return args[index]
-    raise TypeError(f"cache hook: block called without '{name}' (positional {index} or keyword)")
-
-
-class _FluxStack:
-    """FluxTransformer2DModel: double blocks then single blocks, both (enc, hidden) -> (enc, hidden)."""
-
-    def __init__(self, transformer: torch.nn.Module):
-        self.blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-
-    @staticmethod
-    def inputs(args, kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _arg(args, kwargs, "hidden_states", 0), _arg(args, kwargs, "encoder_hidden_states", 1)
-
-    @staticmethod
-    def outputs(output) -> tuple[torch.Tensor, torch.Tensor | None]:
-        encoder_hidden_states, hidden_states = output
-        return hidden_states, encoder_hidden_states
-
-    @staticmethod
-    def pack(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
-        return encoder_hidden_states, hidden_states
-
-    @staticmethod
-    def modulated_input(block: torch.nn.Module, args, kwargs) -> torch.Tensor:
-        # TeaCache's Flux metric input: the first block's AdaLayerNormZero output (timestep-modulated).
-        hidden_states = _arg(args, kwargs, "hidden_states", 0)
-        temb = _arg(args, kwargs, "temb", 2)
-        return block.norm1(hidden_states, emb=temb)[0]
-
-
-class _WanStack:
-    """WanTransformer3DModel: blocks (hidden, context, timestep_proj, rotary) -> hidden."""
-
-    def __init__(self, transformer: torch.nn.Module):
-        self.blocks = list(transformer.blocks)
-
-    @staticmethod
-    def inputs(args, kwargs) -> tuple[torch.Tensor, None]:
-        return _arg(args, kwargs, "hidden_states", 0), None
-
-    @staticmethod
-    def outputs(output) -> tuple[torch.Tensor, None]:
-        return output, None
-
-    @staticmethod
-    def pack(hidden_states: torch.Tensor, encoder_hidden_states: None):
-        return hidden_states
-
-    @staticmethod
-    def modulated_input(block: torch.nn.Module, args, kwargs) -> torch.Tensor:
-        # As WanTransformerBlock.forward step 1: norm1(x) * (1 + scale_msa) + shift_msa, in float32.
-        hidden_states = _arg(args, kwargs, "hidden_states", 0)
-        temb = _arg(args, kwargs, "temb", 2)
-        if temb.ndim == 4:  # [b, s, 6, d] (Wan2.2 TI2V)
-            shift, scale = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)[:2]
-            shift, scale = shift.squeeze(2), scale.squeeze(2)
-        else:  # [b, 6, d]
-            shift, scale = (block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
-        return block.norm1(hidden_states.float()) * (1 + scale) + shift
-
-
 def _unwrap(transformer: torch.nn.Module) -> torch.nn.Module:
     return getattr(transformer, "_orig_mod", transformer)  # torch.compile's OptimizedModule
 
 
-def _stack_for(transformer: torch.nn.Module):
-    module = _unwrap(transformer)
-    if hasattr(module, "transformer_blocks") and hasattr(module, "single_transformer_blocks"):
-        stack = _FluxStack(module)
-    elif hasattr(module, "blocks") and isinstance(module.blocks, torch.nn.ModuleList):
-        stack = _WanStack(module)
-    else:
-        raise TypeError(
-            f"feature cache: unsupported transformer {type(module).__name__}; "
-            "supported: FluxTransformer2DModel, WanTransformer3DModel"
-        )
-    if len(stack.blocks) < 2:
-        raise ValueError(f"feature cache: {type(module).__name__} has {len(stack.blocks)} block(s); need >= 2")
-    return stack
+class StackFamily(Protocol):
+    """What the cache asks a model family (``families.spec.Family`` provides it)."""
+
+    cache_points: Any  # inputs / outputs / pack / modulated_input of a block (families.spec.CachePoints)
+
+    def blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]: ...
+
+
+def family_for(transformer: torch.nn.Module, family: StackFamily | None) -> StackFamily:
+    """``family`` as given, else the family that registers the transformer's class. The lookup runs at call
+    time in the torch-free family registry: importing the cache imports nothing of the families."""
+    if family is not None:
+        return family
+    from ..families import family_of
+
+    try:
+        return family_of(transformer)
+    except ValueError as exc:
+        raise ValueError(f"feature cache: {exc}") from None
+
+
+class _Stack:
+    """The hooked blocks of one transformer in call order, and its family's view of a block's streams."""
+
+    def __init__(self, transformer: torch.nn.Module, family: StackFamily):
+        points = family.cache_points
+        self.blocks = family.blocks(transformer)
+        self.inputs, self.outputs, self.pack = points.inputs, points.outputs, points.pack
+        self.modulated_input = points.modulated_input
+        if len(self.blocks) < 2:
+            raise ValueError(f"feature cache: {type(transformer).__name__} has {len(self.blocks)} block(s); need >= 2")
 
 
 class CacheHeadHook(ModelHook):
@@ -210,9 +161,9 @@ class CacheBlockHook(ModelHook):
 class CacheHookSet:
     """The hooks on one transformer's blocks, shared by the sessions open on it."""
 
-    def __init__(self, transformer: torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module, family: StackFamily):
         self.transformer = _unwrap(transformer)
-        self.stack = _stack_for(transformer)
+        self.stack = _Stack(self.transformer, family)
         self.n_blocks = len(self.stack.blocks)
         self._refs = 0
         self._sessions: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -220,11 +171,11 @@ class CacheHookSet:
 
     # ---- lifecycle ------------------------------------------------------------------------------
     @classmethod
-    def acquire(cls, transformer: torch.nn.Module, session: Any) -> "CacheHookSet":
+    def acquire(cls, transformer: torch.nn.Module, session: Any, family: StackFamily) -> "CacheHookSet":
         module = _unwrap(transformer)
         hookset = module.__dict__.get(_ATTR)
         if hookset is None:
-            hookset = cls(module)
+            hookset = cls(module, family)
             hookset._install()
             object.__setattr__(module, _ATTR, hookset)
         hookset._refs += 1

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .config import CacheConfig
-from .hooks import CacheHookSet, _unwrap, push_active, relative_l1, reset_active
+from .hooks import CacheHookSet, StackFamily, _unwrap, family_for, push_active, relative_l1, reset_active
 
 __all__ = ["request_cache", "CacheSession", "NoCacheSession", "BranchState", "MetricReduce"]
 
@@ -50,16 +50,20 @@ def request_cache(
     config: CacheConfig | None,
     total_steps: int,
     *,
+    family: StackFamily | None = None,
     reduce: MetricReduce | None = None,
 ) -> "CacheSession | NoCacheSession":
     """A context manager with the cache state of one request (``config=None``: no cache, no hooks).
 
-    ``reduce``: how ranks that share this forward agree on a metric (None: this process decides alone)."""
+    ``family``: the transformer's model family, which says which blocks to hook and how they pass their
+    streams (None: the family that registers the transformer's class). ``reduce``: how ranks that share
+    this forward agree on a metric (None: this process decides alone)."""
     if int(total_steps) < 1:
         raise ValueError(f"request_cache: total_steps must be >= 1, got {total_steps}")
+    family = family_for(transformer, family)
     if config is None:
-        return NoCacheSession(transformer, int(total_steps))
-    return CacheSession(transformer, config, int(total_steps), reduce=reduce)
+        return NoCacheSession(transformer, int(total_steps), family)
+    return CacheSession(transformer, config, int(total_steps), family, reduce=reduce)
 
 
 class _Branch:
@@ -82,9 +86,10 @@ class _Branch:
 class _SessionBase:
     policy = "none"
 
-    def __init__(self, transformer: torch.nn.Module, total_steps: int):
+    def __init__(self, transformer: torch.nn.Module, total_steps: int, family: StackFamily):
         self.transformer = transformer
         self.target = _unwrap(transformer)  # the module whose blocks carry the hooks
+        self.family = family
         self.total_steps = total_steps
         self.hookset: CacheHookSet | None = None
         self._step: int | None = None
@@ -128,8 +133,9 @@ class _SessionBase:
 class NoCacheSession(_SessionBase):
     """CACHE_RATIO 0 (or a model without a ``cache:`` section): no hooks, the plain transformer."""
 
-    def __init__(self, transformer: torch.nn.Module, total_steps: int, reason: str = "cache_ratio 0"):
-        super().__init__(transformer, total_steps)
+    def __init__(self, transformer: torch.nn.Module, total_steps: int, family: StackFamily,
+                 reason: str = "cache_ratio 0"):
+        super().__init__(transformer, total_steps, family)
         self.reason = reason
 
     def state_for(self, branch: str | None, context: Any = None):  # never called: hookset is None
@@ -137,7 +143,7 @@ class NoCacheSession(_SessionBase):
 
     def stats(self) -> dict[str, Any]:
         # No hooks: forwards are known only from step() / branch() calls (else one per step is assumed).
-        n_blocks = _count_blocks(self.transformer)
+        n_blocks = len(self.family.blocks(self.target))
         steps = len(self._steps_seen) or self.total_steps
         forwards = sum(self._forwards_by_branch.values()) or steps
         return {
@@ -158,9 +164,14 @@ class CacheSession(_SessionBase):
     """The cache state of one request: one :class:`BranchState` per CFG branch."""
 
     def __init__(
-        self, transformer: torch.nn.Module, config: CacheConfig, total_steps: int, reduce: MetricReduce | None = None
+        self,
+        transformer: torch.nn.Module,
+        config: CacheConfig,
+        total_steps: int,
+        family: StackFamily,
+        reduce: MetricReduce | None = None,
     ):
-        super().__init__(transformer, total_steps)
+        super().__init__(transformer, total_steps, family)
         self.config = config
         self.policy = config.policy
         self._branches: dict[str, BranchState] = {}
@@ -170,7 +181,7 @@ class CacheSession(_SessionBase):
     def _open(self) -> None:
         if self._closed:
             raise RuntimeError("a CacheSession is for one request: create a new one with request_cache(...)")
-        self.hookset = CacheHookSet.acquire(self.transformer, self)
+        self.hookset = CacheHookSet.acquire(self.transformer, self, self.family)
 
     def _close(self) -> None:
         try:
@@ -225,7 +236,7 @@ class CacheSession(_SessionBase):
 
     def stats(self) -> dict[str, Any]:
         """Counters for the request's STATS (valid after the session closed)."""
-        n = self.hookset.n_blocks if self.hookset else _count_blocks(self.transformer)
+        n = self.hookset.n_blocks if self.hookset else len(self.family.blocks(self.target))
         by_step: dict[int, list[str]] = {}
         forwards = computed = blocks = 0
         for state in self._branches.values():
@@ -393,9 +404,3 @@ def _newton(history: list[tuple[int, torch.Tensor, Any]], step: int, field: int)
         result = result * (step - xs[i]) + table[i]
     return result
 
-
-def _count_blocks(transformer: torch.nn.Module) -> int:
-    module = getattr(transformer, "_orig_mod", transformer)
-    if hasattr(module, "single_transformer_blocks"):
-        return len(module.transformer_blocks) + len(module.single_transformer_blocks)
-    return len(getattr(module, "blocks", []))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import logging
 import time
@@ -25,6 +25,7 @@ import torch
 
 from ..cache import CacheConfig, MetricReduce, request_cache, validate_model_cache
 from ..params import ModelParams, SystemParams, UserParams, parse_user_params
+from .spec import Family
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class DenoiserStage(Stage):
     nothing to agree on; a sequence-parallel pool sets the max over its ranks).
     """
 
+    family: ClassVar[Family]  # the family's spec: what the cache, attention and parallel code ask
     run_branches: BranchRunner = staticmethod(run_branches_sequentially)
     reduce_metric: MetricReduce | None = None
 
@@ -117,7 +119,7 @@ class DenoiserStage(Stage):
 
             attention = attention_for(self.system.attention_backend)
             for transformer in self.transformers():
-                install_attention(transformer, attention)
+                install_attention(transformer, attention, self.family)
         if self.system.compile_transformer:
             self.compile_transformers()
 
@@ -170,7 +172,7 @@ class DenoiserStage(Stage):
 
     def open_cache(self, transformer: torch.nn.Module, config: CacheConfig | None, total_steps: int):
         """The feature-cache session of one request on `transformer` (no hooks when `config` is None)."""
-        return request_cache(transformer, config, total_steps, reduce=self.reduce_metric)
+        return request_cache(transformer, config, total_steps, family=self.family, reduce=self.reduce_metric)
 
     @abstractmethod
     def denoise(

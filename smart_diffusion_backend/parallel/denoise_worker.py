@@ -37,7 +37,9 @@ class DenoiseWorker:
         self.stage = load_stage("denoiser", self.model, dataclasses.replace(system, compile_transformer=False))
         if ctx.parallel.sp_degree > 1:
             self.sp_handle = parallelize_transformer(
-                self.stage.transformer, SPTransformerConfig(attention_backend=self.system.attention_backend)
+                self.stage.transformer,
+                SPTransformerConfig(attention_backend=self.system.attention_backend),
+                self.stage.family,
             )
             # Each rank's blocks see only its chunk of the sequence: cache decisions take the max over ranks,
             # so every rank skips (or computes) the same forwards and the collectives stay in step.

@@ -1,23 +1,21 @@
-"""Sequence-parallel and CFG-parallel execution of diffusers Flux / Wan transformers.
+"""Sequence-parallel and CFG-parallel execution of diffusers transformers, driven by the family's plan.
 
-``parallelize_transformer(transformer, config)`` installs forward hooks that
+``parallelize_transformer(transformer, config)`` asks the transformer's model family for its
+:class:`~smart_diffusion_backend.families.spec.SequencePlan` and installs forward hooks that
 
-1. cut the joint sequence into ``sp_world_size`` contiguous chunks of ``S_local = ceil(L / P)`` tokens,
-   zero-padding the end of the sequence when ``L`` does not divide (padded keys are masked through
-   ``kv_len``, padded outputs dropped),
+1. cut the joint sequence (the plan's segments in order, e.g. ``[text; image]``) into ``sp_world_size``
+   contiguous chunks of ``S_local = ceil(L / P)`` tokens, zero-padding the end of the last segment when
+   ``L`` does not divide (padded keys are masked through ``kv_len``, padded outputs dropped); each input the
+   plan names is cut to this rank's part of its segment, at the transformer's input or at the submodule
+   the plan names (where the tokens are built);
 2. install, through ``smart_diffusion_backend.attention.processors.install_attention``, a callable that
    sends self / joint attention (``seq_q == seq_kv``) to :class:`SequenceParallelAttention` with the
-   forward's ``kv_len``, and cross-attention (``seq_q != seq_kv``: Wan text / I2V image context) to the
-   local backend,
-3. all-gather the output of ``proj_out`` over the SP group so every rank returns the full prediction.
-
-Flux: the joint sequence is ``[text (T); image (N)]``; a chunk can hold text, image or both, so each rank
-passes its part of ``encoder_hidden_states`` / ``txt_ids`` and of ``hidden_states`` / ``img_ids``; the
-rotary embedding is computed from the local ids, consistent by construction.
-Wan: the patchified video tokens and the rotary embedding are cut right after they are built (hooks on
-``rope`` and ``blocks.0``); cross-attention keys (text) stay whole on every rank. So that the
-``seq_q != seq_kv`` test can never mistake a cross-attention for a self-attention, ``S_local`` is bumped
-by one (more padding) when it would equal a cross-attention key length.
+   forward's ``kv_len``, and cross-attention (``seq_q != seq_kv``: keys of a text or image context, whole
+   on every rank) to the local backend. So that this test can never mistake a cross-attention for a
+   self-attention, ``S_local`` is bumped (more padding) while it equals a cross-attention key length the
+   plan lists;
+3. all-gather the output of the plan's gather module (``proj_out``) over the SP group, so every rank
+   returns the full prediction.
 
 CFG parallel: :func:`cfg_parallel` runs the conditional branch on CFG rank 0 and the unconditional on
 CFG rank 1 and all-gathers both predictions over the CFG group.
@@ -33,6 +31,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from ..attention.processors import install_attention
+from ..families import family_of
+from ..families.spec import Family, Gather, SequencePlan, Split
 from . import parallel_state as ps
 from .sp_attention import AttentionFn, SequenceParallelAttention, resolve_attention_backend
 
@@ -161,7 +162,7 @@ class SPTransformerHandle:
     """What :func:`parallelize_transformer` installed; ``remove()`` restores the transformer."""
 
     transformer: torch.nn.Module
-    kind: str  # "flux" | "wan"
+    family: str  # the model family's name
     attention: SequenceParallelAttention
     context: SPForwardContext
     hooks: list[Any] = field(default_factory=list)
@@ -182,156 +183,165 @@ def _bind(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any])
     return dict(inspect.signature(fn).bind(*args, **kwargs).arguments)
 
 
-# ---- Flux ---------------------------------------------------------------------------------------------
+# ---- cutting by the family's plan ---------------------------------------------------------------------
 
 
-@dataclass
-class _FluxCall:
-    text: int
-    image: int
-    layout: ShardLayout
-    t0: int
-    t1: int
-    i0: int
-    i1: int
+class _Cut:
+    """This rank's part of one forward's joint sequence: per segment, the range of its tokens it holds.
+
+    A rank's chunk is the concatenation of its parts in segment order; the padding is appended to the
+    part of the last segment."""
+
+    def __init__(self, segments: tuple[str, ...], tokens: dict[str, int], layout: ShardLayout):
+        self.segments, self.tokens, self.layout = segments, tokens, layout
+        self.parts: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for segment in segments:
+            n = tokens[segment]
+            self.parts[segment] = (min(max(layout.start - offset, 0), n), min(max(layout.end - offset, 0), n))
+            offset += n
+        self.pad = layout.local_len - sum(end - start for start, end in self.parts.values())
+
+    def _local_len(self, segment: str) -> int:
+        start, end = self.parts[segment]
+        return end - start + (self.pad if segment == self.segments[-1] else 0)
+
+    def cut(self, x: torch.Tensor, split: Split) -> torch.Tensor:
+        """This rank's part of ``x`` (all of the segment's tokens along ``split.dim``), zero-padded."""
+        if x.shape[split.dim] != self.tokens[split.segment]:
+            raise ValueError(
+                f"expected {self.tokens[split.segment]} {split.segment} tokens along dim {split.dim}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        start, end = self.parts[split.segment]
+        return _pad_to(x.narrow(split.dim, start, end - start), split.dim, self._local_len(split.segment)).contiguous()
+
+    def apply(self, value: Any, split: Split) -> Any:
+        """``value`` cut as ``split`` says (a list element-wise; None, or a tensor of another rank, as is)."""
+        if value is None:
+            return None
+        if split.each:
+            return [self.cut(x, split) for x in value]
+        if split.ndim is not None and value.ndim != split.ndim:
+            return value
+        return self.cut(value, split)
+
+    def gather(self, x: torch.Tensor, gather: Gather, group: ps.GroupInfo) -> torch.Tensor:
+        """All-gather this rank's output tokens (its parts of ``gather.segments``) -> those segments' tokens."""
+        dim = gather.dim
+        if gather.segments == self.segments:
+            chunk = x
+        else:  # the other segments' slots of the chunk stay zero
+            shape = list(x.shape)
+            shape[dim] = self.layout.local_len
+            chunk = x.new_zeros(shape)
+            at = taken = 0
+            for segment in self.segments:
+                n = self._local_len(segment)
+                if segment in gather.segments:
+                    chunk.narrow(dim, at, n).copy_(x.narrow(dim, taken, n))
+                    taken += n
+                at += n
+        full = gather_sequence(chunk, dim, group)  # [.., P * S_local, ..]
+        parts, offset = [], 0
+        for segment in self.segments:
+            if segment in gather.segments:
+                parts.append(full.narrow(dim, offset, self.tokens[segment]))
+            offset += self.tokens[segment]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _parallelize_flux(handle: SPTransformerHandle, sp: ps.GroupInfo) -> None:
+def _install_plan(handle: SPTransformerHandle, plan: SequencePlan, sp: ps.GroupInfo) -> None:
     model = handle.transformer
-    state: dict[str, _FluxCall] = {}
+    state: dict[str, _Cut] = {}
 
     def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
         kw = _bind(module.forward, args, kwargs)
-        hs, ehs = kw["hidden_states"], kw["encoder_hidden_states"]
-        img_ids, txt_ids = kw["img_ids"], kw["txt_ids"]
-        if hs is None or ehs is None or img_ids is None or txt_ids is None:
-            raise ValueError("sequence-parallel Flux needs hidden_states, encoder_hidden_states, img_ids and txt_ids")
-        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # deprecated batched ids: same for all items
-        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
-        t, n = ehs.shape[1], hs.shape[1]
-        layout = shard_layout(t + n, sp)
-        # Joint order [text; image; padding]: the chunk [start, end) splits into a text and an image range.
-        t0, t1 = min(layout.start, t), min(layout.end, t)
-        i0, i1 = min(max(layout.start - t, 0), n), min(max(layout.end - t, 0), n)
-        pad = layout.local_len - (t1 - t0) - (i1 - i0)
-        kw["encoder_hidden_states"] = ehs[:, t0:t1].contiguous()
-        kw["txt_ids"] = txt_ids[t0:t1]
-        kw["hidden_states"] = _pad_to(hs[:, i0:i1], 1, i1 - i0 + pad).contiguous()
-        kw["img_ids"] = _pad_to(img_ids[i0:i1], 0, i1 - i0 + pad)
-        for key in ("controlnet_block_samples", "controlnet_single_block_samples"):
-            if kw.get(key) is not None:  # image-token residuals follow the image tokens
-                kw[key] = [_pad_to(s[:, i0:i1], 1, i1 - i0 + pad) for s in kw[key]]
-        state["call"] = _FluxCall(t, n, layout, t0, t1, i0, i1)
-        handle.context.kv_len = layout.kv_len
+        missing = [name for name in plan.required if kw.get(name) is None]
+        if missing:
+            raise ValueError(f"sequence-parallel {handle.family} needs {', '.join(plan.required)}; missing {missing}")
+        if plan.prepare is not None:
+            plan.prepare(kw)
+        tokens = dict(plan.tokens(kw, module.config))
+        avoid = plan.cross_attention_lengths(kw) if plan.cross_attention_lengths is not None else frozenset()
+        cut = state["cut"] = _Cut(plan.segments, tokens, shard_layout(sum(tokens.values()), sp, avoid))
+        handle.context.kv_len = cut.layout.kv_len
+        for name, split in plan.inputs.get("", {}).items():
+            if name in kw:
+                kw[name] = cut.apply(kw[name], split)
         return (), kw
 
-    def post_hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any):
-        call = state.pop("call")
-        handle.context.kv_len = None
-        sample = output[0] if isinstance(output, tuple) else output.sample  # [b, image part + pad, c]
-        b, _, c = sample.shape
-        chunk = sample.new_zeros(b, call.layout.local_len, c)  # [b, S_local, c]: text slots left at zero
-        chunk[:, call.t1 - call.t0 :] = sample
-        full = gather_sequence(chunk, 1, sp)  # [b, S_local, c] -> [b, P * S_local, c]
-        sample = full[:, call.text : call.text + call.image]  # [b, N, c]
-        if isinstance(output, tuple):
-            return (sample,) + tuple(output[1:])
-        output.sample = sample
-        return output
+    def input_hook(splits: dict[str, Split]):
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
+            cut = state["cut"]
+            args, kwargs = list(args), dict(kwargs)
+            for name, split in splits.items():
+                if name in kwargs:
+                    kwargs[name] = cut.apply(kwargs[name], split)
+                elif split.position is not None and split.position < len(args):
+                    args[split.position] = cut.apply(args[split.position], split)
+            return tuple(args), kwargs
 
-    handle.hooks.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
-    handle.hooks.append(model.register_forward_hook(post_hook, with_kwargs=True))
+        return hook
 
+    def output_hook(split: Split):
+        def hook(module: torch.nn.Module, args: Any, output: Any):
+            cut = state["cut"]
+            if isinstance(output, tuple):
+                return tuple(cut.apply(x, split) for x in output)
+            return cut.apply(output, split)
 
-# ---- Wan ----------------------------------------------------------------------------------------------
+        return hook
 
-
-def _parallelize_wan(handle: SPTransformerHandle, sp: ps.GroupInfo) -> None:
-    model = handle.transformer
-    state: dict[str, ShardLayout] = {}
-
-    def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
-        kw = _bind(module.forward, args, kwargs)
-        hs = kw["hidden_states"]  # [b, c, f, h, w]
-        p_t, p_h, p_w = module.config.patch_size
-        _, _, f, h, w = hs.shape
-        # Key lengths of the cross-attentions (text, I2V image context, their sum, diffusers' 512 split).
-        text = kw["encoder_hidden_states"].shape[1]
-        image = kw["encoder_hidden_states_image"].shape[1] if kw.get("encoder_hidden_states_image") is not None else 0
-        avoid = frozenset({text, image, text + image, 512, text + image - 512})
-        layout = shard_layout((f // p_t) * (h // p_h) * (w // p_w), sp, avoid)
-        state["layout"] = layout
-        handle.context.kv_len = layout.kv_len
-        ts = kw["timestep"]
-        if ts is not None and ts.ndim == 2:  # Wan 2.2 TI2V: one timestep per token
-            kw["timestep"] = _shard(ts, 1, layout)
-        return (), kw
-
-    def rope_hook(module: torch.nn.Module, args: Any, output: tuple[torch.Tensor, torch.Tensor]):
-        layout = state["layout"]
-        return tuple(_shard(x, 1, layout) for x in output)  # [1, S, 1, d] -> [1, S_local, 1, d]
-
-    def block0_pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
-        layout = state["layout"]
-        if args:
-            return (_shard(args[0], 1, layout),) + tuple(args[1:]), kwargs  # [b, S, c] -> [b, S_local, c]
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = _shard(kwargs["hidden_states"], 1, layout)
-        return args, kwargs
-
-    def proj_out_hook(module: torch.nn.Module, args: Any, output: torch.Tensor):
-        layout = state["layout"]
-        return gather_sequence(output, 1, sp)[:, : layout.length]  # [b, S_local, c] -> [b, S, c]
+    def gather_hook(module: torch.nn.Module, args: Any, output: torch.Tensor):
+        return state["cut"].gather(output, plan.gather, sp)
 
     def post_hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any):
-        state.pop("layout", None)
+        state.pop("cut", None)
         handle.context.kv_len = None
         return output
 
     handle.hooks.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
-    handle.hooks.append(model.rope.register_forward_hook(rope_hook))
-    handle.hooks.append(model.blocks[0].register_forward_pre_hook(block0_pre_hook, with_kwargs=True))
-    handle.hooks.append(model.proj_out.register_forward_hook(proj_out_hook))
+    for path, splits in plan.inputs.items():
+        if path:
+            hook = input_hook(dict(splits))
+            handle.hooks.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
+    for path, split in plan.outputs.items():
+        handle.hooks.append(model.get_submodule(path).register_forward_hook(output_hook(split)))
+    handle.hooks.append(model.get_submodule(plan.gather.module).register_forward_hook(gather_hook))
     handle.hooks.append(model.register_forward_hook(post_hook, with_kwargs=True))
 
 
 # ---- public -------------------------------------------------------------------------------------------
 
 
-def _model_kind(transformer: torch.nn.Module) -> str:
-    name = type(transformer).__name__
-    if name == "FluxTransformer2DModel":
-        return "flux"
-    if name == "WanTransformer3DModel":
-        return "wan"
-    raise ValueError(f"parallelize_transformer supports FluxTransformer2DModel and WanTransformer3DModel, got {name}")
-
-
 def parallelize_transformer(
-    transformer: torch.nn.Module, config: SPTransformerConfig | None = None
+    transformer: torch.nn.Module, config: SPTransformerConfig | None = None, family: Family | None = None
 ) -> SPTransformerHandle:
     """Make ``transformer`` run sequence-parallel over the SP group of ``parallel_state``.
 
-    Every rank of the SP group must call the transformer with the same full inputs; each returns the full
-    output. With an SP group of one rank only the processors change (to the chosen attention backend).
+    ``family``: the transformer's model family, whose sequence plan and attention processor are used
+    (default: the family that registers the transformer's class). Every rank of the SP group must call the
+    transformer with the same full inputs; each returns the full output. With an SP group of one rank only
+    the processors change (to the chosen attention backend).
     """
-    from smart_diffusion_backend.attention.processors import install_attention
-
     config = config or SPTransformerConfig()
     layout = ps.get_parallel_config()
     if config.expected is not None and config.expected != layout:
         raise ValueError(f"SPTransformerConfig.expected={config.expected} but parallel_state holds {layout}")
-    kind = _model_kind(transformer)
+    family = family or family_of(transformer)
     if getattr(transformer, "_sd_sp_handle", None) is not None:
         raise ValueError("transformer is already parallelized; call handle.remove() first")
     local = resolve_attention_backend(config.attention_backend)
     sp_attn = SequenceParallelAttention(local)
     context = SPForwardContext()
-    handle = SPTransformerHandle(transformer, kind, sp_attn, context, old_processors=dict(transformer.attn_processors))
-    install_attention(transformer, SPAttentionDispatch(sp_attn, local, context))
+    handle = SPTransformerHandle(
+        transformer, family.name, sp_attn, context, old_processors=dict(transformer.attn_processors)
+    )
+    install_attention(transformer, SPAttentionDispatch(sp_attn, local, context), family)
     sp = ps.get_sp_group()
     if sp.world_size > 1:
-        (_parallelize_flux if kind == "flux" else _parallelize_wan)(handle, sp)
+        _install_plan(handle, family.sequence_plan, sp)
     transformer._sd_sp_handle = handle
     return handle
 

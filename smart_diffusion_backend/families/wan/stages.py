@@ -1,4 +1,4 @@
-"""Wan family (WanPipeline-compatible directories: Wan2.1-T2V-1.3B / 14B, Wan2.2 T2V, tiny-wan).
+"""The Wan family's stages (WanPipeline-compatible directories: Wan2.1-T2V-1.3B / 14B, Wan2.2 T2V, tiny-wan).
 
 Each stage reuses diffusers' own code (WanPipeline.encode_prompt, the scheduler named in the
 directory, AutoencoderKLWan's latents_mean/std, VaeImageProcessor's rounding) so the split pipeline
@@ -21,13 +21,11 @@ import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, WanPipeline, WanTransformer3DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..cache import CacheConfig
-from ..errors import ParamError
-from ..params import UserParams
-from .base import DecoderStage, DenoiserStage, Embeddings, StepCallback, TextEncoderStage, to_uint8
-
-# AutoencoderKLWan.__init__ defaults, for vae configs written before these keys existed
-_DEFAULT_SCALE_TEMPORAL, _DEFAULT_SCALE_SPATIAL = 4, 8
+from ...cache import CacheConfig
+from ...errors import ParamError
+from ...params import UserParams
+from ..base import DecoderStage, DenoiserStage, Embeddings, StepCallback, TextEncoderStage, to_uint8
+from .spec import DEFAULT_SCALE_SPATIAL, DEFAULT_SCALE_TEMPORAL, FAMILY
 
 
 class WanTextEncoder(TextEncoderStage):
@@ -56,6 +54,8 @@ class WanTextEncoder(TextEncoderStage):
 
 
 class WanDenoiser(DenoiserStage):
+    family = FAMILY
+
     def __init__(
         self,
         model,
@@ -79,8 +79,8 @@ class WanDenoiser(DenoiserStage):
         self.scheduler_class = getattr(diffusers, index["scheduler"][1])
         self.scheduler_config = self.scheduler_class.load_config(model.weights, subfolder="scheduler")
         vae_config = AutoencoderKLWan.load_config(model.weights, subfolder="vae")
-        self.vae_scale_factor_temporal = vae_config.get("scale_factor_temporal", _DEFAULT_SCALE_TEMPORAL)
-        self.vae_scale_factor_spatial = vae_config.get("scale_factor_spatial", _DEFAULT_SCALE_SPATIAL)
+        self.vae_scale_factor_temporal = vae_config.get("scale_factor_temporal", DEFAULT_SCALE_TEMPORAL)
+        self.vae_scale_factor_spatial = vae_config.get("scale_factor_spatial", DEFAULT_SCALE_SPATIAL)
         self.num_channels_latents = self.transformer.config.in_channels
         patch = self.transformer.config.patch_size
         self.size_multiple = (self.vae_scale_factor_spatial * patch[1], self.vae_scale_factor_spatial * patch[2])

@@ -1,4 +1,4 @@
-"""Flux family (FluxPipeline-compatible directories: Flux.1-dev, Flux.1-schnell, tiny-flux).
+"""The Flux family's stages (FluxPipeline-compatible directories: Flux.1-dev, Flux.1-schnell, tiny-flux).
 
 Each stage reuses diffusers' own helpers (encode_prompt, pack/unpack, calculate_shift,
 retrieve_timesteps) so the split pipeline is bit-exact with `FluxPipeline.__call__`.
@@ -15,13 +15,10 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..cache import CacheConfig
-from ..params import UserParams
-from .base import DecoderStage, DenoiserStage, Embeddings, StepCallback, TextEncoderStage, to_uint8
-
-
-def _vae_scale_factor(block_out_channels: list[int]) -> int:
-    return 2 ** (len(block_out_channels) - 1)  # as FluxPipeline.__init__
+from ...cache import CacheConfig
+from ...params import UserParams
+from ..base import DecoderStage, DenoiserStage, Embeddings, StepCallback, TextEncoderStage, to_uint8
+from .spec import FAMILY, vae_scale_factor
 
 
 class FluxTextEncoder(TextEncoderStage):
@@ -44,6 +41,8 @@ class FluxTextEncoder(TextEncoderStage):
 
 
 class FluxDenoiser(DenoiserStage):
+    family = FAMILY
+
     def __init__(self, model, system, transformer: FluxTransformer2DModel | None = None):
         super().__init__(model, system)
         self.transformer = transformer or FluxTransformer2DModel.from_pretrained(
@@ -52,7 +51,7 @@ class FluxDenoiser(DenoiserStage):
         self.transformer.eval()
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(model.weights, subfolder="scheduler")
         vae_config = AutoencoderKL.load_config(model.weights, subfolder="vae")
-        self.vae_scale_factor = _vae_scale_factor(vae_config["block_out_channels"])
+        self.vae_scale_factor = vae_scale_factor(vae_config["block_out_channels"])
         self.num_channels_latents = self.transformer.config.in_channels // 4
         self.prepare_transformers()
 
