@@ -1,4 +1,5 @@
-"""Feature cache (smart_diffusion_backend.cache): tiny seeded Flux / Wan transformers in real denoise loops.
+"""Feature cache (smart_diffusion_backend.cache): tiny seeded Flux / Wan transformers in the families' own
+denoise loops, against plain diffusers-style loops written out here.
 
 Cache on / off / ratio 0 compared as diffusers' cache tests do; per-request isolation; the 2-rank gloo
 decision agreement under sequence parallelism.
@@ -20,11 +21,10 @@ from smart_diffusion_backend.cache import (
     request_cache,
     validate_model_cache,
 )
-from smart_diffusion_backend.cache.loops import flux_denoise, wan_denoise
 from smart_diffusion_backend.cache.session import _newton
 from smart_diffusion_backend.families.base import Embeddings
 from smart_diffusion_backend.errors import ConfigError
-from smart_diffusion_backend.params import UserParams
+from smart_diffusion_backend.params import ModelParams, SystemParams, UserParams
 from smart_diffusion_backend.parallel import parallel_state as ps
 
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -74,13 +74,45 @@ def wan_inputs(seed: int = 0, scale: float = 1.0):
     return latents, torch.randn(1, 8, 32, generator=g), torch.randn(1, 8, 32, generator=g)
 
 
-def run_wan(transformer, config, seed=0, steps=STEPS, reduce=None):
-    latents, cond, uncond = wan_inputs(seed)
-    return wan_denoise(transformer, wan_scheduler(), latents, cond, uncond, 5.0, steps, config, reduce=reduce)
+def ensure_tiny_wan_weights() -> None:
+    from .test_wan import ensure_tiny_wan
+
+    ensure_tiny_wan()
+
+
+def wan_denoiser(transformer):
+    """The Wan family's denoiser stage running `transformer`; tiny-wan's directory gives the scheduler (the
+    one wan_scheduler() builds) and the VAE scales."""
+    from smart_diffusion_backend.families.wan.stages import WanDenoiser
+
+    return WanDenoiser(ModelParams.load("tiny-wan"), SystemParams.load("cpu"), transformer=transformer)
+
+
+def run_wan(transformer, config, seed=0, steps=STEPS, reduce=None, scale=1.0):
+    """WanDenoiser.denoise (true CFG at guidance 5: a "cond" and an "uncond" branch per step) from
+    wan_inputs(seed, scale), with the cache `config` and the ranks' `reduce`: -> (latents, cache stats)."""
+    latents, cond, uncond = wan_inputs(seed, scale)
+    denoiser = wan_denoiser(transformer)
+    denoiser.prepare_latents = lambda params: latents.clone()
+    denoiser.reduce_metric = reduce
+    params = UserParams(prompt="p", negative_prompt="", height=latents.shape[-2] * 8, width=latents.shape[-1] * 8,
+                        steps=steps, guidance_scale=5.0, cache_ratio=0.0, seed=seed, num_frames=9)
+    embeddings = Embeddings(torch.cat([cond, uncond]), cond.new_zeros(2, 0))
+    stats: dict = {}
+    out = denoiser.denoise(embeddings, params, stats=stats, cache_config=config)
+    return out, stats
+
+
+def run_flux(denoiser, embeddings, params, config):
+    """FluxDenoiser.denoise with an explicit cache config: -> (latents, cache stats)."""
+    stats: dict = {}
+    out = denoiser.denoise(embeddings, params, stats=stats, cache_config=config)
+    return out, stats
 
 
 @pytest.fixture(scope="module")
 def wan():
+    ensure_tiny_wan_weights()
     return make_wan()
 
 
@@ -147,7 +179,7 @@ def test_newton_forecast_is_exact_on_polynomials():
 def test_ratio_zero_is_bit_identical_flux(flux):
     embeddings, params = flux_inputs()
     reference = flux.denoise(embeddings, params)
-    out, stats = flux_denoise(flux, embeddings, params, CacheConfig.from_model_cache(MODEL_CACHE, 0.0))
+    out, stats = run_flux(flux, embeddings, params, CacheConfig.from_model_cache(MODEL_CACHE, 0.0))
     assert torch.equal(out, reference)
     assert stats["cache_policy"] == "none" and stats["cache_steps_skipped"] == 0
     assert no_cache_hooks(flux.transformer)
@@ -220,7 +252,7 @@ def test_skips_monotone_in_ratio_and_first_last_computed(family, section, reques
     if family == "flux":
         denoiser = request.getfixturevalue("flux")
         embeddings, params = flux_inputs()
-        results = _sweep(lambda cfg: flux_denoise(denoiser, embeddings, params, cfg), section)
+        results = _sweep(lambda cfg: run_flux(denoiser, embeddings, params, cfg), section)
     else:
         wan = request.getfixturevalue("wan")
         results = _sweep(lambda cfg: run_wan(wan, cfg), section)
@@ -313,8 +345,8 @@ def test_interleaved_flux_requests(flux):
     """Two FluxDenoiser-style requests alternating forward by forward (implicit "call0" branches)."""
     cfg = CacheConfig.from_model_cache(MODEL_CACHE, 0.8)
     (emb1, p1), (emb2, p2) = flux_inputs(1), flux_inputs(2)
-    solo1, _ = flux_denoise(flux, emb1, p1, cfg)
-    solo2, _ = flux_denoise(flux, emb2, p2, None)
+    solo1, _ = run_flux(flux, emb1, p1, cfg)
+    solo2, _ = run_flux(flux, emb2, p2, None)
     # generators: run both loops as coroutines, one transformer call at a time
     gens = [_flux_steps(flux, emb1, p1, cfg), _flux_steps(flux, emb2, p2, None)]
     outs = [None, None]
@@ -366,9 +398,8 @@ class _CacheRank:
     def independent(self, threshold: float, sync: bool):
         """Each rank denoises different inputs (no SP sharding): only the metric all-reduce couples them."""
         config = CacheConfig(policy="teacache", threshold=threshold, max_consecutive_skips=3, sync_ranks=sync)
-        latents, cond, uncond = wan_inputs(seed=10 + 7 * self.ctx.rank, scale=1.0 + 2.0 * self.ctx.rank)
-        _, stats = wan_denoise(self.wan, wan_scheduler(), latents, cond, uncond, 5.0, STEPS, config,
-                               reduce=ps.all_reduce_max)
+        _, stats = run_wan(self.wan, config, seed=10 + 7 * self.ctx.rank, reduce=ps.all_reduce_max,
+                           scale=1.0 + 2.0 * self.ctx.rank)
         return stats["cache_schedule"]
 
     def sequence_parallel(self, threshold: float):
@@ -394,6 +425,7 @@ def pool():
     from smart_diffusion_backend.parallel.parallel_state import ParallelConfig
     from smart_diffusion_backend.parallel.worker_pool import WorkerPool
 
+    ensure_tiny_wan_weights()
     p = WorkerPool(2, _init_cache_rank, parallel=ParallelConfig(ulysses_degree=2), num_threads=1,
                    start_timeout_s=120, step_timeout_s=120, collective_timeout_s=60)
     p.start()
