@@ -1,7 +1,8 @@
-"""Attention backends (registry), diffusers processors that use them, and single-GPU compile helpers.
+"""Attention backends (``registry``), the installer of a family's attention processor (``processors``) and
+regional compile (``compile``).
 
-``processors`` imports diffusers; import it explicitly (``from smart_diffusion_backend.attention.processors
-import install_attention``) so the registry stays importable without diffusers.
+Import ``processors`` and ``compile`` by name when needed; this package loads only the registry. Each
+family's processor, which calls the backend's callable, lives in its folder (families/<name>/attention.py).
 """
 
 from smart_diffusion_backend.attention.registry import (

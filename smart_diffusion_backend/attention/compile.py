@@ -1,10 +1,11 @@
-"""Regional torch.compile of a transformer's repeated blocks (single-GPU step speed).
+"""Regional torch.compile of a transformer's repeated blocks (step speed).
 
-diffusers 0.42 models declare ``_repeated_blocks`` (Flux: FluxTransformerBlock, FluxSingleTransformerBlock;
-Wan: WanTransformerBlock); each such block's forward is compiled in place. The system param
-``compile_transformer: true`` does this at model load (one rank), with a warm-up so the first request
-does not pay the compile.
-Blocks of one class share a compiled graph, so compile time is that of one or two blocks, not the model.
+diffusers 0.42 models declare ``_repeated_blocks`` (the class names of their transformer blocks); each such
+block's forward is compiled in place. Blocks of one class share a compiled graph, so compile time is that
+of one or two blocks, not the model. The system param ``compile_transformer: true`` does this at model load
+(``DenoiserStage.compile_transformers``; in a pool, on every rank after its sequence-parallel processors
+are in), with a warm-up so the first request does not pay the compile.
+
 Call after ``install_attention``: the processors are traced into the block graphs (our Triton kernel is the
 opaque custom op ``smart_diffusion::flash_attention`` there).
 """

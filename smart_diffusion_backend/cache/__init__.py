@@ -1,4 +1,4 @@
-"""Between-step feature cache for the Flux and Wan transformers, driven by one per-request knob.
+"""Between-step feature cache of a family's transformer, driven by one per-request knob.
 
     from smart_diffusion_backend.cache import CacheConfig, request_cache
 
@@ -10,7 +10,9 @@
                 ...transformer(...)
     stats.update(cache.stats())
 
-See docs/cache.md for the policies, the model-yaml schema and the integration recipe.
+The family's denoiser opens the session through ``DenoiserStage.open_cache``, which passes the family (the
+blocks to hook) and the ranks' ``reduce``. See docs/cache.md for the policies, the model-yaml schema and
+how to add a policy.
 """
 
 from .config import FORECASTS, POLICIES, CacheConfig, validate_model_cache

@@ -237,7 +237,7 @@ class CacheHookSet:
         state = None
         for session, branch in reversed(_ACTIVE.get()):
             if session.target is not self.transformer:
-                continue  # a session on another transformer (Wan2.2's second expert, ...)
+                continue  # a session on another transformer (a second expert of the same stage, ...)
             if session.hookset is self:  # else a ratio-0 session: plain forward
                 state = session.state_for(branch, context)
             break

@@ -105,7 +105,7 @@ class DenoiserStage(Stage):
         self.compile_seconds: float | None = None
 
     def transformers(self) -> list[torch.nn.Module]:
-        """Every transformer this stage runs (Wan2.2 has two experts)."""
+        """Every transformer this stage runs (a family may run several, e.g. experts switched by timestep)."""
         return [self.transformer]
 
     def prepare_transformers(self) -> None:
@@ -203,6 +203,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] float images [..., C, H, W] -> uint8 [..., H, W, C], rounded as diffusers' numpy_to_pil."""
     images = (images * 0.5 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize, in the VAE's dtype
     # Channels-last made contiguous on the device: a strided [H, W, C] view would reach Triton as a
-    # non-contiguous array, which its tensor constructor copies element by element (~10 ms at 1024²).
+    # non-contiguous array, which its tensor constructor copies element by element.
     array = images.movedim(-3, -1).contiguous().cpu().float().numpy()
     return (array * 255).round().astype(np.uint8)
