@@ -133,7 +133,7 @@ class ModelParams:
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _DEVICES = ("cpu", "cuda")
-_ATTENTION_BACKENDS = ("sdpa", "triton", "triton_fp8", "flash_attn")
+_ATTENTION_BACKENDS = ("sdpa", "triton", "triton_int8", "triton_fp8", "flash_attn")  # triton_fp8: old name of triton_int8
 
 
 @dataclass(frozen=True)
