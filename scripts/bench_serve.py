@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from client import Request, SmartDiffusionClient  # noqa: E402
 from smart_diffusion_backend.repository import write_repository  # noqa: E402
-from smart_diffusion_backend.serving import TritonServer, free_port  # noqa: E402
+from smart_diffusion_backend.serving import TritonServer, free_port, stop_on_signals  # noqa: E402
 
 PA_DIR = ROOT / ".pa"
 PA_BIN = PA_DIR / "bin" / "perf_analyzer"
@@ -69,7 +69,8 @@ def concurrent(server: TritonServer, request: Request, model: str, concurrency: 
                 except Exception as exc:  # noqa: BLE001 - reported, the bench goes on
                     errors.append(str(exc))
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    # Daemons: a stop signal may leave some waiting at the barrier, and they must not hold the exit.
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
     ready.wait()
@@ -159,7 +160,8 @@ def main() -> int:
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     request = Request(prompt="a red circle on a blue background", height=args.height, width=args.width, steps=args.steps, seed=42)
-    reports = [bench_system(args.model, s, request, levels, args.requests, not args.no_perf_analyzer) for s in args.systems.split(",")]
+    with stop_on_signals():  # SIGTERM/SIGINT/SIGHUP: stop the server in order, then exit 128 + signal
+        reports = [bench_system(args.model, s, request, levels, args.requests, not args.no_perf_analyzer) for s in args.systems.split(",")]
     if args.out:
         write_markdown(Path(args.out), reports, levels)
     return 0

@@ -1,4 +1,8 @@
-"""`make demo`: start a real tritonserver on the default model, generate one image, stop the server."""
+"""`make demo`: start a real tritonserver on the default model, generate one image, stop the server.
+
+SIGTERM, SIGINT or SIGHUP, mid-start or mid-request, stop the server in order; the demo then exits
+with 128 + the signal.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 from client import Request, SmartDiffusionClient
 from client.__main__ import _save
 from smart_diffusion_backend.params import project_root
-from smart_diffusion_backend.serving import TritonServer
+from smart_diffusion_backend.serving import TritonServer, stop_on_signals
 
 
 def main() -> None:
@@ -32,7 +36,7 @@ def main() -> None:
         backend_dir=root / ".triton" / "backends", log_file=log,
     )
     started = time.perf_counter()
-    with server:
+    with stop_on_signals(), server:
         print(f"tritonserver ready in {time.perf_counter() - started:.1f} s (log: {log})")
         with SmartDiffusionClient(server.grpc_url, "grpc") as client:
             result = client.stream(

@@ -3,22 +3,25 @@
 With the default model and system the committed model_repository/ is served as is; otherwise a
 repository is generated into build/model_repository (model names prefixed per pipeline when
 several are served).
+
+SIGTERM, SIGINT (Ctrl-C) or SIGHUP, to this process, to make or to their process group, stop the
+server in order: Triton drains and unloads, then the launcher exits with the server's exit status.
+If the launcher is killed outright, the server gets SIGTERM from the kernel and stops by itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 from smart_diffusion_backend.params import project_root
 from smart_diffusion_backend.repository import DEFAULT_MODEL, DEFAULT_SYSTEM, write_repository
-from smart_diffusion_backend.serving import TritonServer
-
+from smart_diffusion_backend.serving import StopRequested, TritonServer, stop_on_signals
 
 
 def repository_for(models: list[str], system: str) -> Path:
@@ -30,8 +33,21 @@ def repository_for(models: list[str], system: str) -> Path:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def exit_status(returncode: int | None) -> int:
+    """The shell's convention: a server killed by signal N gives 128 + N."""
+    if returncode is None:
+        return 0
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def say(message: str) -> None:
+    # After SIGHUP the terminal may be gone; the stop must go on regardless.
+    with contextlib.suppress(OSError):
+        print(message, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("MODEL", DEFAULT_MODEL), help="comma-separated model yamls")
     parser.add_argument("--system", default=os.environ.get("SYSTEM", DEFAULT_SYSTEM))
     parser.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
@@ -45,25 +61,25 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    repo = repository_for([m for m in args.model.split(",") if m], args.system)
-    server = TritonServer(
-        repo, args.http_port, args.grpc_port, args.metrics_port, host=args.host,
-        backend_dir=project_root() / ".triton" / "backends", log_file=None,
-        model_control_mode=args.model_control_mode,
-        load_models=("*",) if args.model_control_mode == "explicit" else (),
-    )
-    print(f"serving {repo} (model={args.model}, system={args.system}) on http {server.http_url}, grpc {server.grpc_url}")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server.start(ready_timeout_s=600)
-    print("ready; Ctrl-C stops the server", flush=True)
-    try:
-        while server.process is not None and server.process.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    with stop_on_signals():
+        repo = repository_for([m for m in args.model.split(",") if m], args.system)
+        server = TritonServer(
+            repo, args.http_port, args.grpc_port, args.metrics_port, host=args.host,
+            backend_dir=project_root() / ".triton" / "backends", log_file=None,
+            model_control_mode=args.model_control_mode,
+            load_models=("*",) if args.model_control_mode == "explicit" else (),
+        )
+        say(f"serving {repo} (model={args.model}, system={args.system}) on http {server.http_url}, grpc {server.grpc_url}")
+        try:
+            server.start(ready_timeout_s=600)
+            say("ready; Ctrl-C or SIGTERM stops the server")
+            server.process.wait()
+        except StopRequested as request:
+            say(f"{signal.Signals(request.signum).name}: stopping the server")
+        finally:
+            returncode = server.stop()
+    return exit_status(returncode)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

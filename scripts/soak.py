@@ -33,6 +33,7 @@ from smart_diffusion_backend.serving import (  # noqa: E402
     process_cmdline,
     rss_bytes,
     shm_regions,
+    stop_on_signals,
 )
 
 ROUTES = [("http", "smart_diffusion"), ("grpc", "smart_diffusion"), ("http", "smart_diffusion_ensemble"),
@@ -184,23 +185,24 @@ def main() -> int:
     log.unlink(missing_ok=True)
     server = TritonServer(Path(args.repository), free_port(), free_port(), free_port(),
                           backend_dir=ROOT / ".triton" / "backends", log_file=log)
-    server.start(ready_timeout_s=600)
-    with SmartDiffusionClient(server.http_url) as client:  # warm every stage once
-        client.infer(Request(prompt="warm up", height=64, width=64, steps=2, seed=0))
-    rss_start = sum(rss_bytes(server.process_tree()).values())
-    processes_start = len(server.process_tree())
-    print(f"soak: {args.concurrency} clients, {args.duration_s:.0f} s, server RSS {rss_start >> 20} MiB", flush=True)
-    try:
-        result = Soak(server, args.duration_s, args.max_requests, args.concurrency, args.invalid_ratio).run()
-    finally:
-        pids = server.process_tree()
-        ours = mapped_shm_regions(pids)
-        processes_end = len(pids)
-        rss_end = sum(rss_bytes(pids).values())
-        code = server.stop()
-        time.sleep(3)
-        orphans = [f"{p} {process_cmdline(p)[:120]}" for p in pids if Path(f"/proc/{p}").exists() and process_cmdline(p)]
-        leaked = sorted(ours & shm_regions())
+    with stop_on_signals():  # SIGTERM/SIGINT/SIGHUP: stop the server in order, then exit 128 + signal
+        server.start(ready_timeout_s=600)
+        try:
+            with SmartDiffusionClient(server.http_url) as client:  # warm every stage once
+                client.infer(Request(prompt="warm up", height=64, width=64, steps=2, seed=0))
+            rss_start = sum(rss_bytes(server.process_tree()).values())
+            processes_start = len(server.process_tree())
+            print(f"soak: {args.concurrency} clients, {args.duration_s:.0f} s, server RSS {rss_start >> 20} MiB", flush=True)
+            result = Soak(server, args.duration_s, args.max_requests, args.concurrency, args.invalid_ratio).run()
+        finally:
+            pids = server.process_tree()
+            ours = mapped_shm_regions(pids)
+            processes_end = len(pids)
+            rss_end = sum(rss_bytes(pids).values())
+            code = server.stop()
+            time.sleep(3)
+            orphans = [f"{p} {process_cmdline(p)[:120]}" for p in pids if Path(f"/proc/{p}").exists() and process_cmdline(p)]
+            leaked = sorted(ours & shm_regions())
     lat = np.array(result.pop("latencies") or [0.0])
     counts = result["counts"]
     summary = {

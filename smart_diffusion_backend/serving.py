@@ -9,10 +9,18 @@ wheel's bundled libs on LD_LIBRARY_PATH, or the server hangs never ready — so 
 with a deadline, and on timeout the server is killed and the log tail raised. Only libpython goes on
 LD_LIBRARY_PATH, never its whole LIBDIR: on a GPU host /usr/lib/x86_64-linux-gnu also holds a system
 cuDNN, which then shadowed torch's bundled one in every stub and pool worker (12 % slower steps on an H100).
+
+Stopping: the server runs in its own session (so stop() can signal it and every stub at once), which
+also means a signal to the launcher's process group never reaches it. Two things keep it from
+outliving its launcher: the kernel sends it SIGTERM when the launcher dies, however it dies
+(PR_SET_PDEATHSIG, set in start()), and launchers wrap their work in `stop_on_signals()`, which turns
+the first SIGTERM/SIGINT/SIGHUP into an orderly stop that repeated signals cannot cut short.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -23,15 +31,74 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ServerError
+
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region"
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
 
 
-class ServerError(RuntimeError):
-    pass
+class StopRequested(SystemExit):
+    """Raised in the main thread by the first stop signal inside `stop_on_signals()`.
+
+    A SystemExit, so `except Exception` does not swallow it and an uncaught one exits quietly, with the
+    shell's 128 + signal status; on its way out it runs every `with TritonServer` / `finally: stop()`.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Inside the block the first of `signals` raises StopRequested in the main thread; later ones are
+    ignored. Previous handlers come back when the block ends.
+
+    One stop request often arrives as several signals: make forwards SIGTERM to its child on top of the
+    copy the process group got, and supervisors repeat theirs. Raised again inside stop() before it has
+    signalled the server, a second copy would abandon the stop and leave the server running.
+    """
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if received:
+            return
+        received.append(signum)
+        raise StopRequested(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _parent_death_signal(sig: int) -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel send `sig` to the child once the calling thread exits, even by
+    SIGKILL; None where libc has no prctl (not Linux).
+
+    prctl is looked up here, in the parent, so that the child only makes the call between fork and
+    exec. The parent may die before that call: getppid() then no longer names it, and the child leaves.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig))
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def pytriton_dir() -> Path:
@@ -144,6 +211,21 @@ def child_pids(pid: int) -> set[int]:
     return found
 
 
+def group_pids(pgid: int) -> set[int]:
+    """Every process in process group `pgid` (from /proc). A server's stubs stay in its group after the
+    server died and they were re-parented, where child_pids() no longer finds them."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                found.add(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def mapped_shm_regions(pids: set[int]) -> set[str]:
     """The Python-backend /dev/shm regions these processes have mapped: this server's, not another's."""
     regions = set()
@@ -248,11 +330,17 @@ class TritonServer:
         return child_pids(self.process.pid) | {self.process.pid}
 
     def start(self, ready_timeout_s: float = 120.0) -> "TritonServer":
+        """Start the server and wait until it is ready.
+
+        Its own session, so a stop can signal the server and every stub it spawned. Since group signals
+        to the launcher no longer reach it, it gets SIGTERM (Triton drains, then exits; its stubs follow)
+        when the thread calling start() exits: call it from a thread that lives as long as the server.
+        """
         prepare_backend_dir(Path(self.backend_dir))
         log = open(self.log_file, "ab") if self.log_file else None  # None: inherit our stdout
-        # Its own session, so a stop can signal the server and every stub it spawned.
         self.process = subprocess.Popen(
-            self.command(), env=server_env(Path(self.backend_dir)), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.command(), env=server_env(Path(self.backend_dir)), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_parent_death_signal(signal.SIGTERM),
         )
         try:
             self.wait_ready(ready_timeout_s)
@@ -294,28 +382,47 @@ class TritonServer:
     def stop(self, grace_s: float | None = None) -> int | None:
         """SIGTERM (Triton drains and unloads models), then SIGKILL the whole group after `grace_s`.
 
-        A killed server cannot unlink its stubs' shared-memory regions; those it created are removed here.
+        Another exception raised meanwhile (a second Ctrl-C without `stop_on_signals`) cuts the drain
+        short but still kills the group and waits for it; a StopRequested lets the drain finish first,
+        then goes on. A killed server cannot unlink its stubs' shared-memory regions; those they had
+        mapped are removed here.
         """
         grace_s = self.exit_timeout_s + 10 if grace_s is None else grace_s
         if self.process is None:
             return None
         proc, self.process = self.process, None
-        ours = mapped_shm_regions(child_pids(proc.pid) | {proc.pid})
+        deadline = time.monotonic() + grace_s
+        ours: set[str] = set()
+        stop_request: StopRequested | None = None
+        try:
+            try:
+                ours = mapped_shm_regions(child_pids(proc.pid) | {proc.pid})
+                self._drain(proc, deadline)
+            except StopRequested as request:  # asked to stop while stopping: this drain is that stop
+                stop_request = request
+                self._drain(proc, deadline)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            ours |= mapped_shm_regions(group_pids(proc.pid))  # stubs, re-parented or started after the first look
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # stubs and pool workers that outlived the server
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            if proc.returncode != 0:
+                for name in ours & shm_regions():
+                    (SHM_DIR / name).unlink(missing_ok=True)
+        if stop_request is not None:
+            raise stop_request
+        return proc.returncode
+
+    @staticmethod
+    def _drain(proc: subprocess.Popen, deadline: float) -> None:
+        """SIGTERM and wait until `deadline`; Triton takes a repeated SIGTERM as the same request."""
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stubs and pool workers that outlived the server
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        if proc.returncode != 0:
-            for name in ours & shm_regions():
-                (SHM_DIR / name).unlink(missing_ok=True)
-        return proc.returncode
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self
