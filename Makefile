@@ -8,6 +8,7 @@ SYSTEM ?= cpu
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+OPENAI_PORT ?= 8080
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -33,7 +34,7 @@ demo: weights
 	$(PY) scripts/demo.py --out outputs/demo.png --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 serve: weights
-	$(PY) scripts/serve.py --model $(MODEL) --system $(SYSTEM) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) scripts/serve.py --model $(MODEL) --system $(SYSTEM) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --openai-port $(OPENAI_PORT)
 
 test: weights
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -45,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--guidance-scale", type=float)
     gen.add_argument("--cache-ratio", type=float)
     gen.add_argument("--seed", type=int)
+    gen.add_argument("--num-images", type=int, help="images of the prompt in one request (models that accept it); "
+                     "written as OUT, OUT_1, OUT_2, ...")
+    gen.add_argument("--image", type=Path, help="input image (image-to-image, inpainting, editing, image-to-video)")
+    gen.add_argument("--mask", type=Path, help="inpainting mask: white = repaint (with --image)")
+    gen.add_argument("--strength", type=float, help="image-to-image: how much of the schedule re-noises --image")
+    gen.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                     help="a LoRA adapter the model serves, with its scale (default 1); repeat for several")
     gen.add_argument("--url", help="host:port (default 127.0.0.1:8000 for http, :8001 for grpc)")
     gen.add_argument("--protocol", choices=("http", "grpc"), default="http")
     gen.add_argument("--model-prefix", default="", help="pipeline prefix when a server serves several")
@@ -64,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         guidance_scale=args.guidance_scale,
         cache_ratio=args.cache_ratio,
         seed=args.seed,
+        num_images=args.num_images,
+        input_image=_load_image(args.image, "RGB") if args.image else None,
+        mask_image=_load_image(args.mask, "L") if args.mask else None,
+        strength=args.strength,
+        lora=tuple(name for name, _ in map(_lora, args.lora)) or None,
+        lora_scale=tuple(scale for _, scale in map(_lora, args.lora)) or None,
     )
     with SmartDiffusionClient(url, args.protocol, model_prefix=args.model_prefix) as client:
         try:
@@ -85,9 +98,30 @@ def main(argv: list[str] | None = None) -> int:
         except GenerationError as exc:
             print(f"error ({exc.status}): {exc}", file=sys.stderr)
             return 1
-    out = _save(result.pixels, args.out, args.fps)
-    print(json.dumps({"out": str(out), "shape": list(result.pixels.shape), **result.stats}))
+    if result.output == "IMAGE":
+        outs = [_save(image, _numbered(args.out, i), args.fps) for i, image in enumerate(result.images)]
+    else:
+        outs = [_save(result.pixels, args.out, args.fps)]
+    print(json.dumps({"out": [str(o) for o in outs], "shape": list(result.pixels.shape), **result.stats}))
     return 0
+
+
+def _numbered(out: Path, index: int) -> Path:
+    """OUT for the first image, OUT_1, OUT_2, ... for the others."""
+    return out if index == 0 else out.with_name(f"{out.stem}_{index}{out.suffix}")
+
+
+def _load_image(path: Path, mode: str):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert(mode))
+
+
+def _lora(spec: str) -> tuple[str, float]:
+    name, _, scale = spec.partition(":")
+    return name, float(scale) if scale else 1.0
 
 
 if __name__ == "__main__":

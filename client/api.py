@@ -31,13 +31,22 @@ class GenerationError(RuntimeError):
 
 @dataclass
 class GenerationResult:
-    pixels: np.ndarray  # uint8 [H, W, 3] for images, [F, H, W, 3] for videos
+    pixels: np.ndarray  # the model's output: IMAGE uint8 [N, H, W, 3], or VIDEO [F, H, W, 3]
     stats: dict[str, Any]
     progress: list[tuple[int, int]] = field(default_factory=list)
+    output: str = "IMAGE"
+
+    @property
+    def images(self) -> np.ndarray:
+        """Every image of an image model's answer: [N, H, W, 3] (N = NUM_IMAGES)."""
+        if self.output != "IMAGE":
+            raise ValueError(f"the model answered {self.output}, not images")
+        return self.pixels
 
     @property
     def image(self) -> np.ndarray:
-        return self.pixels
+        """The (first) image [H, W, 3]; for a video model, the video [F, H, W, 3]."""
+        return self.pixels[0] if self.output == "IMAGE" else self.pixels
 
 
 @dataclass(frozen=True)
@@ -53,14 +62,25 @@ class Request:
     guidance_scale: float | None = None
     cache_ratio: float | None = None
     seed: int | None = None
+    # Optional features (models whose yaml accepts them): image conditioning, LoRA, several images
+    input_image: np.ndarray | None = None  # uint8 [H, W, 3]
+    mask_image: np.ndarray | None = None  # uint8 [H, W], 255 = repaint
+    strength: float | None = None
+    lora: tuple[str, ...] | None = None
+    lora_scale: tuple[float, ...] | None = None
+    num_images: int | None = None
 
     def tensors(self) -> dict[str, tuple[np.ndarray, str]]:
         """Triton input name -> (array, Triton dtype), for the fields that are set (the server's schema)."""
         return {name: (array, FIELDS[name].dtype.triton) for name, array in encode_request(vars(self)).items()}
 
     def json_inputs(self) -> dict[str, Any]:
-        """The same fields for HTTP generate_stream (JSON scalars)."""
-        return {name: (arr[0].decode() if arr.dtype == np.object_ else arr[0].item()) for name, (arr, _) in self.tensors().items()}
+        """The same fields for HTTP generate_stream (JSON scalars, lists for list and image fields)."""
+        out: dict[str, Any] = {}
+        for name, (arr, _) in self.tensors().items():
+            values = [v.decode() for v in arr] if arr.dtype == np.object_ else arr.tolist()
+            out[name] = values[0] if FIELDS[name].scalar else values
+        return out
 
 
 class SmartDiffusionClient:
@@ -135,7 +155,7 @@ class SmartDiffusionClient:
             result = self._client.infer(self.model_name(model), self._inputs(request), outputs=outputs, **kwargs)
         except Exception as exc:  # tritonclient raises InferenceServerException
             raise _generation_error(exc) from None
-        return GenerationResult(result.as_numpy(output), json.loads(result.as_numpy("STATS")[0]))
+        return GenerationResult(result.as_numpy(output), json.loads(result.as_numpy("STATS")[0]), output=output)
 
     def stream(
         self,
@@ -176,7 +196,7 @@ class SmartDiffusionClient:
                 pixels = result.as_numpy(output)
                 if pixels is not None:
                     finished = True
-                    return GenerationResult(pixels, json.loads(result.as_numpy("STATS")[0]), progress)
+                    return GenerationResult(pixels, json.loads(result.as_numpy("STATS")[0]), progress, output)
                 update = (int(result.as_numpy("STEP")[0]), int(result.as_numpy("TOTAL_STEPS")[0]))
                 progress.append(update)
                 if on_progress:
@@ -210,11 +230,11 @@ class SmartDiffusionClient:
                 if output in event:
                     stats = json.loads(_scalar(event["STATS"]))
                     # generate_stream sends tensors flattened; the shape is in the request's params
-                    shape = [stats["params"]["height"], stats["params"]["width"], 3]
-                    if stats["params"].get("num_frames"):
-                        shape.insert(0, stats["params"]["num_frames"])
+                    params = stats["params"]
+                    leading = params.get("num_frames") if output == "VIDEO" else params.get("num_images", 1)
+                    shape = [leading, params["height"], params["width"], 3]
                     pixels = np.asarray(event[output], dtype=np.uint8).reshape(shape)
-                    return GenerationResult(pixels, stats, progress)
+                    return GenerationResult(pixels, stats, progress, output)
                 update = (int(_scalar(event["STEP"])), int(_scalar(event["TOTAL_STEPS"])))
                 progress.append(update)
                 if on_progress:

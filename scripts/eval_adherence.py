@@ -98,7 +98,7 @@ class InProcessGenerator:
         m = self.model
         t0 = time.perf_counter()
         params = UserParams(prompt, "", m.default_height, m.default_width, m.default_steps, m.default_guidance_scale, 0.0, seed)
-        image = self.stages["decoder"].decode(self.stages["denoiser"].denoise(self.stages["text_encoder"].encode(prompt, None), params))
+        image = self.stages["decoder"].decode(self.stages["denoiser"].denoise(self.stages["text_encoder"].encode(prompt, None), params))[0]
         return image, time.perf_counter() - t0, {}
 
     def close(self) -> None:

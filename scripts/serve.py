@@ -22,6 +22,7 @@ from pathlib import Path
 from smart_diffusion_backend.params import project_root
 from smart_diffusion_backend.repository import DEFAULT_MODEL, DEFAULT_SYSTEM, write_repository
 from smart_diffusion_backend.serving import StopRequested, TritonServer, stop_on_signals
+from smart_diffusion_openai import FacadeConfig, FacadeProcess
 
 
 def repository_for(models: list[str], system: str) -> Path:
@@ -53,6 +54,10 @@ def main() -> int:
     parser.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
     parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", 8001)))
     parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8002)))
+    parser.add_argument(
+        "--openai-port", type=int, default=int(os.environ.get("OPENAI_PORT", 8080)),
+        help="OpenAI-compatible images API beside the server (docs/openai.md); 0: none",
+    )
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument(
         "--model-control-mode", choices=("none", "explicit"), default=os.environ.get("MODEL_CONTROL_MODE", "none"),
@@ -69,14 +74,19 @@ def main() -> int:
             model_control_mode=args.model_control_mode,
             load_models=("*",) if args.model_control_mode == "explicit" else (),
         )
+        facade = FacadeProcess(FacadeConfig(triton_grpc=server.grpc_url, host=args.host, port=args.openai_port))
         say(f"serving {repo} (model={args.model}, system={args.system}) on http {server.http_url}, grpc {server.grpc_url}")
         try:
             server.start(ready_timeout_s=600)
+            if args.openai_port:
+                facade.start()
+                say(f"OpenAI images API on {facade.url}")
             say("ready; Ctrl-C or SIGTERM stops the server")
             server.process.wait()
         except StopRequested as request:
             say(f"{signal.Signals(request.signum).name}: stopping the server")
         finally:
+            facade.stop()
             returncode = server.stop()
     return exit_status(returncode)
 

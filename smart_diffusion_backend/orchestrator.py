@@ -32,7 +32,19 @@ from .triton_adapter import (
     response,
     setup,
 )
-from .wire import TEXT_INPUTS, encode_request, ms_since, pixel_output, read_stats, stats_tensor
+from .wire import (
+    CONDITIONING_TENSORS,
+    EMBEDDING_TENSORS,
+    IMAGE_INPUTS,
+    TEXT_INPUTS,
+    denoiser_input_names,
+    encode_request,
+    encoder_input_names,
+    ms_since,
+    pixel_output,
+    read_stats,
+    stats_tensor,
+)
 
 logger = logging.getLogger("smart_diffusion")
 
@@ -59,7 +71,7 @@ class RequestGate:
 
     def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         parse_user_params(inputs, self.model, self.system)
-        text_inputs = {name: inputs[name] for name in TEXT_INPUTS if name in inputs}
+        text_inputs = {name: inputs[name] for name in (*TEXT_INPUTS, *IMAGE_INPUTS) if name in inputs}
         return {"STATS": text_encoder_grant(self.key, self.model.name, text_inputs)}
 
 
@@ -148,14 +160,16 @@ def call_stage(
     return {name: pb.get_output_tensor_by_name(result, name) for name in outputs}
 
 
-def user_param_tensors(params) -> dict[str, np.ndarray]:
+def user_param_tensors(params, model: ModelParams) -> dict[str, np.ndarray]:
     """UserParams -> explicit request tensors for the denoiser (so every stage sees the same seed)."""
-    return {n: t for n, t in encode_request(vars(params)).items() if n not in TEXT_INPUTS}
+    return encode_request(vars(params), denoiser_input_names(model.task, model.accepts))
 
 
-def text_tensors(params) -> dict[str, np.ndarray]:
-    """UserParams -> the text encoder's inputs (an empty negative prompt is not sent)."""
-    return {n: t for n, t in encode_request(vars(params)).items() if n in TEXT_INPUTS and (n == "PROMPT" or params.negative_prompt)}
+def text_tensors(params, model: ModelParams) -> dict[str, np.ndarray]:
+    """UserParams -> the encoder's inputs: the texts (an empty negative prompt is not sent) and, for
+    models that take image conditioning, the images with the size and seed."""
+    names = [n for n in encoder_input_names(model.task, model.accepts) if n != "NEGATIVE_PROMPT" or params.negative_prompt]
+    return encode_request(vars(params), names)
 
 
 def load_orchestrator(pb, args: Mapping[str, str]) -> tuple[ModelSetup, "PipelineOrchestrator"]:
@@ -183,6 +197,8 @@ class PipelineOrchestrator:
         self.pb, self.model, self.system = pb, model, system
         self.stage_models = dict(stage_models)
         self.output = pixel_output(model.task)
+        # What the encoder hands the denoiser besides the embeddings (models taking image conditioning)
+        self.conditioning = list(CONDITIONING_TENSORS) if model.takes("INPUT_IMAGE") else []
         self.key = server_key()
 
     def parse(self, inputs: Mapping[str, np.ndarray]):
@@ -211,18 +227,18 @@ class PipelineOrchestrator:
         # Stages on a GPU keep embeddings and latents there between them (the pixels come back to host).
         gpu_outputs = self.system.stage_tensors_on_gpu
         hop_started = time.perf_counter()
-        text_inputs = text_tensors(params)
+        text_inputs = text_tensors(params, self.model)
         text_inputs["STATS"] = text_encoder_grant(self.key, self.model.name, text_inputs)
         encoded = call_stage(
             self.pb,
             self.stage_models["text_encoder_model"],
             text_inputs,
-            ["PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS", "STATS"],
+            [*EMBEDDING_TENSORS, *self.conditioning, "STATS"],
             gpu_outputs=gpu_outputs,
         )
         hops_ms = {"text_encoder": ms_since(hop_started)}
         stop.check("before denoising")
-        denoise_inputs = {**encoded, **user_param_tensors(params)}
+        denoise_inputs = {**encoded, **user_param_tensors(params, self.model)}
         with StepChannel() as channel, _StepRelay(channel, on_progress, stop):
             denoise_inputs["PROGRESS_CHANNEL"] = np.array([channel.address.encode()], dtype=np.object_)
             try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,16 @@ class ModelParams:
     num_frames: Range | None = None
     frames_multiple: int | None = None  # video: frames = k * frames_multiple + 1
     cache: Mapping[str, Any] = field(default_factory=dict)  # cache-ratio mapping, tuned per model
+    # Optional request fields this model takes (wire.py's optional features), and their defaults/limits
+    accepts: tuple[str, ...] = ()
+    default_strength: float = 0.6  # as diffusers' image-to-image pipelines
+    strength: Range = Range(0.0, 1.0)
+    num_images: Range = Range(1, 1)
+    max_input_side: int = 4096  # INPUT_IMAGE / MASK_IMAGE sides (resized to HEIGHT x WIDTH by the encoder)
+    lora: Mapping[str, Any] = field(default_factory=dict)  # `lora:` section (adapter directory, limits)
+
+    def takes(self, field_name: str) -> bool:
+        return field_name in self.accepts
 
     @classmethod
     def load(cls, name_or_path: str) -> "ModelParams":
@@ -122,9 +133,31 @@ class ModelParams:
                 num_frames=_range(limits["num_frames"]) if video else None,
                 frames_multiple=int(limits["frames_multiple"]) if video else None,
                 cache=dict(raw.get("cache", {})),
+                accepts=_accepts(raw.get("accepts", []), path),
+                default_strength=float(defaults.get("strength", 0.6)),
+                strength=_range(limits.get("strength", [0.0, 1.0])),
+                num_images=_range(limits.get("num_images", [1, 1])),
+                max_input_side=int(limits.get("max_input_side", 4096)),
+                lora=dict(raw.get("lora", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: bad or missing model param ({exc!r})") from exc
+
+
+# An optional request field -> the fields it needs beside it in `accepts:`.
+_NEEDS = {"MASK_IMAGE": ("INPUT_IMAGE",), "STRENGTH": ("INPUT_IMAGE",), "LORA_SCALE": ("LORA",)}
+
+
+def _accepts(names: Any, path: Path) -> tuple[str, ...]:
+    optional = [f.name for f in FIELDS.values() if f.optional_feature]
+    names = tuple(str(n) for n in names)
+    for name in names:
+        if name not in optional:
+            raise ConfigError(f"{path}: accepts: {name!r} is not an optional request field; known: {optional}")
+        missing = [n for n in _NEEDS.get(name, ()) if n not in names]
+        if missing:
+            raise ConfigError(f"{path}: accepts: {name} needs {missing} too")
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +279,13 @@ class UserParams:
     cache_ratio: float
     seed: int
     num_frames: int | None = None  # video models only
+    # Optional features (models whose yaml `accepts:` them); images are uint8 arrays, left out of ==
+    input_image: np.ndarray | None = field(default=None, compare=False, repr=False)  # [H, W, 3]
+    mask_image: np.ndarray | None = field(default=None, compare=False, repr=False)  # [H, W], 255 = repaint
+    strength: float | None = None  # with input_image: how much of the schedule re-noises it
+    lora: tuple[str, ...] = ()  # adapter names
+    lora_scale: tuple[float, ...] = ()  # one per adapter
+    num_images: int = 1
 
     @property
     def uses_negative_prompt(self) -> bool:
@@ -301,15 +341,18 @@ def parse_user_params(
     Absent names take the model's defaults; SEED absent draws a fresh random seed (reported back).
     `require_prompt=False` lets stages that never see the prompt (denoiser, decoder) reuse the checks.
     """
-    allowed_names = request_field_names(model.task)
+    allowed_names = request_field_names(model.task, model.accepts)
     for name in values:
         if name not in FIELDS:
             raise ParamError(name, f"unknown input; accepted inputs: {', '.join(allowed_names)}")
         if name not in allowed_names:
-            raise ParamError(name, f"is only accepted by video models; model {model.name!r} makes {model.task}s")
+            if FIELDS[name].video_only:
+                raise ParamError(name, f"is only accepted by video models; model {model.name!r} makes {model.task}s")
+            raise ParamError(name, f"is not accepted by model {model.name!r}; accepted inputs: {', '.join(allowed_names)}")
 
     max_bytes = 4 * model.max_prompt_chars  # UTF-8 takes at most 4 bytes per character
-    got = {FIELDS[n].attr: _scalar(n, v, FIELDS[n].kind, max_bytes) for n, v in values.items()}
+    got = {FIELDS[n].attr: _scalar(n, v, FIELDS[n].kind, max_bytes) for n, v in values.items() if FIELDS[n].scalar}
+    features = _optional_features(values, got, model)
 
     prompt = got.get("prompt")
     if prompt is None:
@@ -351,12 +394,14 @@ def parse_user_params(
                 f"{num_frames} is not of the form {model.frames_multiple}*k+1; allowed {model.num_frames}",
             )
 
-    pixels = height * width * (num_frames or 1)
+    pixels = height * width * (num_frames or 1) * features["num_images"]
     if pixels > system.max_pixels_per_request:
         what = "HEIGHT*WIDTH*NUM_FRAMES" if num_frames else "HEIGHT*WIDTH"
+        count = features["num_images"]
+        what, times = (what + "*NUM_IMAGES", f"x{count}") if count > 1 else (what, "")
         raise ParamError(
             what,
-            f"{height}x{width}{'x' + str(num_frames) if num_frames else ''} = {pixels} pixels exceeds this "
+            f"{height}x{width}{'x' + str(num_frames) if num_frames else ''}{times} = {pixels} pixels exceeds this "
             f"server's max_pixels_per_request {system.max_pixels_per_request}",
         )
 
@@ -386,4 +431,93 @@ def parse_user_params(
         cache_ratio=cache_ratio,
         seed=seed,
         num_frames=num_frames,
+        **features,
     )
+
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _image(name: str, value: Any, model: ModelParams, channels: int | None) -> np.ndarray:
+    """A uint8 image tensor [H, W, channels] ([H, W] when channels is None), checked by shape alone."""
+    arr = np.asarray(value)
+    wanted = "[H, W, 3]" if channels else "[H, W]"
+    if arr.dtype != np.uint8:
+        raise ParamError(name, f"expected UINT8 {wanted}, got {arr.dtype}")
+    if arr.ndim != (3 if channels else 2) or (channels and arr.shape[2] != channels):
+        raise ParamError(name, f"expected shape {wanted}, got {list(arr.shape)}")
+    sides = arr.shape[:2]
+    if min(sides) < 8 or max(sides) > model.max_input_side:
+        raise ParamError(name, f"{sides[0]}x{sides[1]} pixels; each side allowed in [8, {model.max_input_side}]")
+    return arr
+
+
+def _optional_features(values: Mapping[str, Any], got: dict[str, Any], model: ModelParams) -> dict[str, Any]:
+    """The optional request fields (image conditioning, LoRA, several images), parsed and checked."""
+    features: dict[str, Any] = {"num_images": got.get("num_images", 1)}
+    _check_range("NUM_IMAGES", features["num_images"], model.num_images)
+
+    image = _image("INPUT_IMAGE", values["INPUT_IMAGE"], model, 3) if "INPUT_IMAGE" in values else None
+    mask = _image("MASK_IMAGE", values["MASK_IMAGE"], model, None) if "MASK_IMAGE" in values else None
+    if mask is not None:
+        if image is None:
+            raise ParamError("MASK_IMAGE", "needs INPUT_IMAGE (the image to repaint)")
+        if mask.shape != image.shape[:2]:
+            raise ParamError("MASK_IMAGE", f"is {mask.shape[0]}x{mask.shape[1]}; INPUT_IMAGE is {image.shape[0]}x{image.shape[1]}")
+    strength = got.get("strength")
+    if strength is not None and image is None:
+        raise ParamError("STRENGTH", "needs INPUT_IMAGE (the image it re-noises)")
+    if image is not None and model.takes("STRENGTH"):
+        strength = model.default_strength if strength is None else strength
+        _check_range("STRENGTH", strength, model.strength)
+        if strength <= 0:
+            raise ParamError("STRENGTH", f"{_fmt(strength)} leaves no denoising step; allowed (0, {_fmt(model.strength.max)}]")
+    features.update(input_image=image, mask_image=mask, strength=strength)
+
+    lora: tuple[str, ...] = ()
+    if "LORA" in values:
+        lora = tuple(_text_items("LORA", values["LORA"]))
+        max_loras = int(model.lora.get("max_per_request", 4))
+        if not 1 <= len(lora) <= max_loras:
+            raise ParamError("LORA", f"{len(lora)} adapters; allowed 1 to {max_loras}")
+        for adapter in lora:
+            if not _ADAPTER_NAME.match(adapter):
+                raise ParamError("LORA", f"{adapter!r} is not an adapter name (letters, digits, '_', '.', '-')")
+        if len(set(lora)) != len(lora):
+            raise ParamError("LORA", f"names an adapter twice: {list(lora)}")
+    scales: tuple[float, ...] = ()
+    if "LORA_SCALE" in values:
+        if not lora:
+            raise ParamError("LORA_SCALE", "needs LORA (the adapters it scales)")
+        arr = np.asarray(values["LORA_SCALE"])
+        if arr.dtype.kind != "f" or arr.ndim != 1 or arr.size != len(lora):
+            raise ParamError("LORA_SCALE", f"expected FP32 [{len(lora)}] (one per LORA adapter), got {arr.dtype} {list(arr.shape)}")
+        allowed = _range(model.lora.get("scale", [-4.0, 4.0]))
+        scales = tuple(float(s) for s in arr)
+        for scale in scales:
+            if not math.isfinite(scale):
+                raise ParamError("LORA_SCALE", f"{scale} is not a finite number")
+            _check_range("LORA_SCALE", scale, allowed)
+    elif lora:
+        scales = tuple(1.0 for _ in lora)
+    features.update(lora=lora, lora_scale=scales)
+    return features
+
+
+def _text_items(name: str, value: Any) -> list[str]:
+    arr = np.asarray(value)
+    if arr.dtype != np.object_ or arr.ndim != 1:
+        raise ParamError(name, f"expected BYTES [K], got {arr.dtype} {list(arr.shape)}")
+    items = []
+    for item in arr:
+        if isinstance(item, (bytes, np.bytes_)) and len(item) <= 256:
+            try:
+                items.append(bytes(item).decode("utf-8"))
+                continue
+            except UnicodeDecodeError:
+                pass
+        elif isinstance(item, str) and len(item) <= 256:
+            items.append(item)
+            continue
+        raise ParamError(name, "expected UTF-8 names of at most 256 bytes")
+    return items

@@ -25,7 +25,16 @@ from pathlib import Path
 from .admission import PIPELINE_SLOTS
 from .errors import ConfigError
 from .params import ModelParams, SystemParams, project_root
-from .wire import FIELDS, TENSOR_DTYPES, TEXT_INPUTS, pixel_output, request_field_names
+from .wire import (
+    CONDITIONING_TENSORS,
+    FIELDS,
+    TENSOR_DTYPES,
+    conditioning_rank,
+    denoiser_input_names,
+    encoder_input_names,
+    pixel_output,
+    request_field_names,
+)
 from .stage_shapes import StageShapes
 
 # What the committed model_repository/ serves: our trained model on the CPU system config.
@@ -66,7 +75,7 @@ def _params(values: dict[str, str]) -> str:
 
 
 def _user_inputs(model: ModelParams, names: list[str], prompt_required: bool) -> list[str]:
-    return [_tensor(n, [1], optional=not (prompt_required and n == "PROMPT")) for n in names]
+    return [_tensor(n, list(FIELDS[n].shape), optional=not (prompt_required and n == "PROMPT")) for n in names]
 
 
 def _stats(optional: bool = False) -> str:
@@ -76,7 +85,7 @@ def _stats(optional: bool = False) -> str:
 def _pixels(model: ModelParams) -> str:
     if model.task == "video":
         return _tensor("VIDEO", [-1, -1, -1, 3])
-    return _tensor("IMAGE", [-1, -1, 3])
+    return _tensor("IMAGE", [-1, -1, -1, 3])  # [N, H, W, 3]: NUM_IMAGES images
 
 
 def _stage_dims(model: ModelParams) -> tuple[list[int], list[int], list[int]]:
@@ -116,9 +125,9 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
     # Plain and streaming orchestrators each keep at most PIPELINE_SLOTS BLS calls waiting.
     stage_queue = _queue_policy(queue + 2 * PIPELINE_SLOTS if queue else 0)
     queues.update({name: stage_queue for name in STAGES})
-    user = request_field_names(model.task)
-    text_inputs = [n for n in user if n in TEXT_INPUTS]
-    denoise_inputs = [n for n in user if n not in text_inputs]
+    user = request_field_names(model.task, model.accepts)
+    text_inputs = encoder_input_names(model.task, model.accepts)
+    denoise_inputs = denoiser_input_names(model.task, model.accepts)
     common = {"model_config": entry.model_config, "system_config": system_config}
     stage_names = {key: entry.name(s) for key, s in zip(STAGE_MODEL_PARAMS, STAGES)}
     embeds_dims, pooled_dims, latent_dims = _stage_dims(model)
@@ -126,6 +135,10 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
         _tensor("PROMPT_EMBEDS", embeds_dims),
         _tensor("POOLED_PROMPT_EMBEDS", pooled_dims),
     ]
+    # Models taking image conditioning: the encoder also hands the denoiser these (zero-size without an
+    # image, so the ensemble always has them); their exact shapes are the family's, checked by the stages.
+    conditioning_names = list(CONDITIONING_TENSORS) if model.takes("INPUT_IMAGE") else []
+    conditioning = [_tensor(n, [-1] * conditioning_rank(n, model.task)) for n in conditioning_names]
     configs: dict[str, str] = {}
 
     def python_model(base: str, inputs: list[str], outputs: list[str], count: int, extra: str = "", **params: str) -> str:
@@ -146,11 +159,12 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
         )
 
     configs["text_encoder"] = python_model(
-        "text_encoder", _user_inputs(model, text_inputs, True) + [_stats(True)], embeds + [_stats()], 1
+        "text_encoder", _user_inputs(model, text_inputs, True) + [_stats(True)], embeds + conditioning + [_stats()], 1
     )
     configs["denoiser"] = python_model(
         "denoiser",
         embeds
+        + conditioning
         + _user_inputs(model, denoise_inputs, False)
         + [_stats(True), _tensor("PROGRESS_CHANNEL", [1], optional=True)],
         [_tensor("LATENTS", latent_dims), _stats()],
@@ -194,13 +208,19 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
         step(
             "text_encoder",
             {**{n: n for n in text_inputs}, "STATS": "grant_stats"},
-            {"PROMPT_EMBEDS": "prompt_embeds", "POOLED_PROMPT_EMBEDS": "pooled_prompt_embeds", "STATS": "encode_stats"},
+            {
+                "PROMPT_EMBEDS": "prompt_embeds",
+                "POOLED_PROMPT_EMBEDS": "pooled_prompt_embeds",
+                **{n: n.lower() for n in conditioning_names},
+                "STATS": "encode_stats",
+            },
         ),
         step(
             "denoiser",
             {
                 "PROMPT_EMBEDS": "prompt_embeds",
                 "POOLED_PROMPT_EMBEDS": "pooled_prompt_embeds",
+                **{n: n.lower() for n in conditioning_names},
                 "STATS": "encode_stats",
                 **{n: n for n in denoise_inputs},
             },

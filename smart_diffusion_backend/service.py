@@ -33,7 +33,16 @@ from .families import Embeddings, load_stage
 from .params import ModelParams, SystemParams, UserParams, parse_user_params
 from .progress import StepReporter
 from .stage_shapes import StageShapes
-from .wire import TEXT_INPUTS, add_stage_time, denoiser_input_names, pixel_output, read_stats, stats_tensor
+from .wire import (
+    CONDITIONING_TENSORS,
+    add_stage_time,
+    conditioning_rank,
+    denoiser_input_names,
+    encoder_input_names,
+    pixel_output,
+    read_stats,
+    stats_tensor,
+)
 
 
 def load_params(model_name: str, system_name: str) -> tuple[ModelParams, SystemParams]:
@@ -80,6 +89,10 @@ def _wire(tensor: torch.Tensor, system: SystemParams) -> torch.Tensor:
     return _finished(tensor) if system.stage_tensors_on_gpu else tensor.cpu()
 
 
+# Params STATS leaves out: the texts (a client has them) and the images (not JSON, and large).
+_NOT_IN_STATS = ("prompt", "negative_prompt", "input_image", "mask_image")
+
+
 def _user_values(inputs: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
     return {n: inputs[n] for n in names if n in inputs}
 
@@ -99,13 +112,21 @@ class TextEncoderService:
     def __call__(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         stats = read_stats(inputs)
-        params = parse_user_params(_user_values(inputs, list(TEXT_INPUTS)), self.model, self.system)
+        names = encoder_input_names(self.model.task, self.model.accepts)
+        params = parse_user_params(_user_values(inputs, names), self.model, self.system)
         embeddings = self.stage.encode(params.prompt, params.negative_prompt or None)
-        return {  # float32 on the stage's device (exact for bf16 embeddings)
+        outputs = {  # float32 on the stage's device (exact for bf16 embeddings)
             "PROMPT_EMBEDS": _wire(embeddings.prompt_embeds, self.system),
             "POOLED_PROMPT_EMBEDS": _wire(embeddings.pooled_prompt_embeds, self.system),
-            "STATS": stats_tensor(add_stage_time(stats, self.stage_name, started)),
         }
+        if self.model.takes("INPUT_IMAGE"):
+            # Every conditioning tensor, zero-size when the request has no image (the ensemble needs all).
+            conditioning = self.stage.encode_conditioning(params) if params.input_image is not None else {}
+            for name in CONDITIONING_TENSORS:
+                empty = torch.zeros((0,) * conditioning_rank(name, self.model.task))
+                outputs[name] = _wire(conditioning.get(name, empty), self.system)
+        outputs["STATS"] = stats_tensor(add_stage_time(stats, self.stage_name, started))
+        return outputs
 
 
 class DenoiserService:
@@ -131,14 +152,21 @@ class DenoiserService:
             self.pool.close()
 
     def parse(self, inputs: Mapping[str, Any]) -> tuple[UserParams, Embeddings]:
-        params = parse_user_params(
-            _user_values(inputs, denoiser_input_names(self.model.task)), self.model, self.system, require_prompt=False
-        )
+        names = denoiser_input_names(self.model.task, self.model.accepts)
+        params = parse_user_params(_user_values(inputs, names), self.model, self.system, require_prompt=False)
         prompt, pooled = _stage_input(inputs, "PROMPT_EMBEDS"), _stage_input(inputs, "POOLED_PROMPT_EMBEDS")
         self.shapes.check_embeddings(prompt.shape, pooled.shape)  # before any value is read
+        conditioning = {}
+        if self.model.takes("INPUT_IMAGE"):
+            for name in CONDITIONING_TENSORS:
+                value = _stage_input(inputs, name)
+                self.shapes.check_conditioning(name, value.shape, params)  # before any value is read
+                if value.numel() if isinstance(value, torch.Tensor) else value.size:  # zero-size: no image
+                    conditioning[name.lower()] = _finite_tensor(name, value)
         embeddings = Embeddings(
             prompt_embeds=_finite_tensor("PROMPT_EMBEDS", prompt),
             pooled_prompt_embeds=_finite_tensor("POOLED_PROMPT_EMBEDS", pooled),
+            **conditioning,
         )
         return params, embeddings
 
@@ -180,7 +208,7 @@ class DenoiserService:
             ranks=self.system.world_size,
             seed=params.seed,
             steps=params.steps,
-            params={k: v for k, v in asdict(params).items() if k not in ("prompt", "negative_prompt")},
+            params={k: v for k, v in asdict(params).items() if k not in _NOT_IN_STATS},
         )
         return {
             "LATENTS": _wire(latents, self.system),

@@ -80,7 +80,7 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _parent_death_signal(sig: int) -> Callable[[], None] | None:
+def parent_death_signal(sig: int) -> Callable[[], None] | None:
     """A preexec_fn that has the kernel send `sig` to the child once the calling thread exits, even by
     SIGKILL; None where libc has no prctl (not Linux).
 
@@ -340,7 +340,7 @@ class TritonServer:
         log = open(self.log_file, "ab") if self.log_file else None  # None: inherit our stdout
         self.process = subprocess.Popen(
             self.command(), env=server_env(Path(self.backend_dir)), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_parent_death_signal(signal.SIGTERM),
+            start_new_session=True, preexec_fn=parent_death_signal(signal.SIGTERM),
         )
         try:
             self.wait_ready(ready_timeout_s)

@@ -77,12 +77,18 @@ def shape_binding(shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
 
 
 # What each stage's grant binds, and which stage a stage mints the next grant for.
-TEXT_BOUND = ("PROMPT", "NEGATIVE_PROMPT")
-SHAPE_BOUND = {"denoiser": ("PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS"), "vae_decoder": ("LATENTS",)}
+TEXT_BOUND = ("PROMPT", "NEGATIVE_PROMPT", "INPUT_IMAGE", "MASK_IMAGE")  # bound by their bytes' digest
+SHAPE_BOUND = {
+    "denoiser": ("PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS", "IMAGE_LATENTS", "MASK_LATENTS", "IMAGE_EMBEDS"),
+    "vae_decoder": ("LATENTS",),
+}
 NEXT_STAGE = {"text_encoder": "denoiser", "denoiser": "vae_decoder"}
 
 
 def _text_item(value: Any) -> bytes:
+    """The bytes a text or image input's digest covers: a text's one element, an image's pixels and shape."""
+    if hasattr(value, "dtype") and value.dtype != object:
+        return repr(tuple(value.shape)).encode() + value.tobytes()
     item = value.reshape(-1)[0] if hasattr(value, "reshape") else value
     return item if isinstance(item, bytes) else str(item).encode("utf-8")
 

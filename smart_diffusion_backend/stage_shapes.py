@@ -17,11 +17,12 @@ Triton itself refuses a mismatching tensor before it reaches the model's process
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import ConfigError, ParamError
 from .families import family
 from .params import ModelParams, Range, SystemParams
+from .wire import conditioning_rank
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,9 @@ class StageShapes:
         return [self.text_rows, self.pooled_dim]
 
     def latent_dims(self) -> list[int]:
+        batch = -1 if self.model.num_images.max > 1 else 1  # NUM_IMAGES images per request
         spatial = [-1, -1]
-        return [1, self.channels, -1, *spatial] if self.model.task == "video" else [1, self.channels, *spatial]
+        return [batch, self.channels, -1, *spatial] if self.model.task == "video" else [batch, self.channels, *spatial]
 
     # -- checks on what a stage receives (shapes only: nothing is read) ---------------------------
 
@@ -72,11 +74,32 @@ class StageShapes:
         _check_shape("PROMPT_EMBEDS", prompt_shape, self.embeds_dims())
         _check_shape("POOLED_PROMPT_EMBEDS", pooled_shape, self.pooled_dims())
 
+    def check_conditioning(self, name: str, shape: Sequence[int], params: Any) -> None:
+        """An image-conditioning tensor: zero-size (no image), else of the rank the wire declares, with
+        no side larger than the request's latents could need (the family checks the exact shape)."""
+        rank = conditioning_rank(name, self.model.task)
+        shape = [int(d) for d in shape]
+        if len(shape) != rank:
+            raise ParamError(name, f"shape {shape}: expected {rank} dims")
+        if 0 in shape:
+            return
+        if name == "IMAGE_EMBEDS":
+            if shape[0] > self.text_rows or shape[1] > 4096 or shape[2] > 8192:
+                raise ParamError(name, f"shape {shape} is larger than an image encoder's output")
+            return
+        latent_h = max(1, int(self.model.height.max) // self.spatial_scale)
+        latent_w = max(1, int(self.model.width.max) // self.spatial_scale)
+        if shape[0] > max(self.text_rows, int(self.model.num_images.max)) or shape[-2] > latent_h or shape[-1] > latent_w:
+            raise ParamError(name, f"shape {shape} is larger than this model's latents (h <= {latent_h}, w <= {latent_w})")
+
     def check_latents(self, shape: Sequence[int], system: SystemParams) -> None:
         """LATENTS must be what the denoiser makes for a request within the model's and system's limits."""
         dims = self.latent_dims()
         _check_shape("LATENTS", shape, dims)
         model = self.model
+        images = int(shape[0])
+        if not 1 <= images <= model.num_images.max:
+            raise ParamError("LATENTS", f"shape {list(shape)}: {images} images; allowed [1, {int(model.num_images.max)}]")
         height, width = shape[-2] * self.spatial_scale, shape[-1] * self.spatial_scale
         latent_multiple = max(1, model.size_multiple // self.spatial_scale)
         for axis, size, pixels, allowed in (("h", shape[-2], height, model.height), ("w", shape[-1], width, model.width)):
@@ -94,10 +117,11 @@ class StageShapes:
                 lo = (int(model.num_frames.min) - 1) // self.temporal_scale + 1
                 hi = (int(model.num_frames.max) - 1) // self.temporal_scale + 1
                 raise ParamError("LATENTS", f"shape {list(shape)}: {shape[2]} latent frames; allowed [{lo}, {hi}]")
-        if height * width * frames > system.max_pixels_per_request:
+        pixels = height * width * frames * images
+        if pixels > system.max_pixels_per_request:
             raise ParamError(
                 "LATENTS",
-                f"shape {list(shape)} decodes to {height}x{width}x{frames} = {height * width * frames} pixels; "
+                f"shape {list(shape)} decodes to {images}x{height}x{width}x{frames} = {pixels} pixels; "
                 f"this server's max_pixels_per_request is {system.max_pixels_per_request}",
             )
 

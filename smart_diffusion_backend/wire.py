@@ -46,23 +46,35 @@ UINT8 = WireDtype("UINT8", np.uint8)
 
 @dataclass(frozen=True)
 class RequestField:
-    """One user param: its request tensor (one element) and the UserParams attribute it fills."""
+    """One user param: its request tensor and the UserParams attribute it fills.
+
+    `shape` is the tensor's declared dims ((1,) for a scalar; -1 = any size). `optional_feature`: fields a
+    model takes only when its yaml lists them under `accepts:` (image conditioning, LoRA, several images)."""
 
     name: str
     attr: str
     dtype: WireDtype
     video_only: bool = False
+    shape: tuple[int, ...] = (1,)
+    optional_feature: bool = False
 
     @property
     def kind(self) -> str:
         """How params.py reads it: "bytes", "int" or "float"."""
         return {"BYTES": "bytes", "FP32": "float"}.get(self.dtype.triton, "int")
 
+    @property
+    def scalar(self) -> bool:
+        return self.shape == (1,)
+
     def encode(self, value: Any) -> np.ndarray:
-        """A Python value -> this field's one-element request tensor."""
+        """A Python value (a scalar, a sequence for list fields, an array for images) -> its request tensor."""
         if self.dtype is BYTES:
-            value = value.encode("utf-8") if isinstance(value, str) else value
-        return np.array([value], dtype=self.dtype.numpy)
+            items = [value] if self.scalar else list(value)
+            return np.array([v.encode("utf-8") if isinstance(v, str) else v for v in items], dtype=np.object_)
+        if self.scalar:
+            return np.array([value], dtype=self.dtype.numpy)
+        return np.ascontiguousarray(np.asarray(value, dtype=self.dtype.numpy))
 
 
 REQUEST_FIELDS: tuple[RequestField, ...] = (
@@ -75,17 +87,34 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     RequestField("GUIDANCE_SCALE", "guidance_scale", FP32),
     RequestField("CACHE_RATIO", "cache_ratio", FP32),
     RequestField("SEED", "seed", INT64),
+    # Optional features (a model yaml's `accepts:`)
+    RequestField("INPUT_IMAGE", "input_image", UINT8, shape=(-1, -1, 3), optional_feature=True),
+    RequestField("MASK_IMAGE", "mask_image", UINT8, shape=(-1, -1), optional_feature=True),
+    RequestField("STRENGTH", "strength", FP32, optional_feature=True),
+    RequestField("LORA", "lora", BYTES, shape=(-1,), optional_feature=True),
+    RequestField("LORA_SCALE", "lora_scale", FP32, shape=(-1,), optional_feature=True),
+    RequestField("NUM_IMAGES", "num_images", INT32, optional_feature=True),
 )
 FIELDS: dict[str, RequestField] = {f.name: f for f in REQUEST_FIELDS}
 TEXT_INPUTS = ("PROMPT", "NEGATIVE_PROMPT")
+# What the encoder stage takes besides the texts when a model accepts image conditioning: the images, and
+# the size and seed (the image is resized to the request's size; VAE sampling draws from the seed).
+IMAGE_INPUTS = ("INPUT_IMAGE", "MASK_IMAGE")
+ENCODER_PARAM_INPUTS = ("HEIGHT", "WIDTH", "SEED")
 
 # Tensors between the stages and out of the pipeline (dims are per model: repository.py, stage_shapes.py)
 EMBEDDING_TENSORS = ("PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS")
-STAGE_TENSORS = (*EMBEDDING_TENSORS, "LATENTS")  # may stay in GPU memory between the stages
+# The encoder's image conditioning for the denoiser (models that accept INPUT_IMAGE): zero-size when a
+# request carries no image, so the ensemble always has every tensor. Their dims are the family's.
+CONDITIONING_TENSORS = ("IMAGE_LATENTS", "MASK_LATENTS", "IMAGE_EMBEDS")
+STAGE_TENSORS = (*EMBEDDING_TENSORS, *CONDITIONING_TENSORS, "LATENTS")  # may stay in GPU memory between stages
 TENSOR_DTYPES: dict[str, WireDtype] = {
     "PROMPT_EMBEDS": FP32,
     "POOLED_PROMPT_EMBEDS": FP32,
     "LATENTS": FP32,
+    "IMAGE_LATENTS": FP32,
+    "MASK_LATENTS": FP32,
+    "IMAGE_EMBEDS": FP32,
     "STATS": BYTES,
     "PROGRESS_CHANNEL": BYTES,
     "IMAGE": UINT8,
@@ -95,22 +124,49 @@ TENSOR_DTYPES: dict[str, WireDtype] = {
 }
 
 
-def request_field_names(task: str) -> list[str]:
-    """The request tensors a pipeline of this task ("image" or "video") accepts, in schema order."""
-    return [f.name for f in REQUEST_FIELDS if task == "video" or not f.video_only]
+def conditioning_rank(name: str, task: str) -> int:
+    """Rank of a conditioning tensor: latents and masks have the latents' rank, image embeddings 3."""
+    return 3 if name == "IMAGE_EMBEDS" else (5 if task == "video" else 4)
 
 
-def denoiser_input_names(task: str) -> list[str]:
-    return [n for n in request_field_names(task) if n not in TEXT_INPUTS]
+def request_field_names(task: str, accepts: tuple[str, ...] = ()) -> list[str]:
+    """The request tensors a pipeline of this task ("image" or "video") accepts, in schema order:
+    the base fields, and the optional features its model yaml lists under `accepts:`."""
+    return [
+        f.name
+        for f in REQUEST_FIELDS
+        if (task == "video" or not f.video_only) and (not f.optional_feature or f.name in accepts)
+    ]
+
+
+def encoder_input_names(task: str, accepts: tuple[str, ...] = ()) -> list[str]:
+    """The user params the encoder stage takes: the texts, and with image conditioning the images, the
+    size and the seed."""
+    names = request_field_names(task, accepts)
+    images = [n for n in IMAGE_INPUTS if n in names]
+    return [n for n in names if n in TEXT_INPUTS or n in images or (images and n in ENCODER_PARAM_INPUTS)]
+
+
+def denoiser_input_names(task: str, accepts: tuple[str, ...] = ()) -> list[str]:
+    return [n for n in request_field_names(task, accepts) if n not in TEXT_INPUTS and n not in IMAGE_INPUTS]
 
 
 def pixel_output(task: str) -> str:
     return "VIDEO" if task == "video" else "IMAGE"
 
 
-def encode_request(values: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """UserParams-style values by attribute name (None = not sent) -> request tensors by Triton name."""
-    return {f.name: f.encode(values[f.attr]) for f in REQUEST_FIELDS if values.get(f.attr) is not None}
+def encode_request(values: Mapping[str, Any], names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """UserParams-style values by attribute name -> request tensors by Triton name: those set (not None, not
+    an empty list) and, when `names` is given, among them."""
+
+    def is_set(value: Any) -> bool:
+        return value is not None and not (isinstance(value, (tuple, list)) and not value)
+
+    return {
+        f.name: f.encode(values[f.attr])
+        for f in REQUEST_FIELDS
+        if is_set(values.get(f.attr)) and (names is None or f.name in names)
+    }
 
 
 def progress_tensors(step: int, total: int) -> dict[str, np.ndarray]:

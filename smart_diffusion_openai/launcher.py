@@ -7,7 +7,6 @@ flight for shutdown_timeout_s), then SIGKILL.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -15,34 +14,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from smart_diffusion_backend.serving import parent_death_signal
 
 from .app import FacadeConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_PR_SET_PDEATHSIG = 1
 
 
 class FacadeError(RuntimeError):
     pass
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """preexec_fn: SIGTERM this child when its parent thread exits; None where libc has no prctl."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 def command(config: FacadeConfig) -> list[str]:
@@ -91,7 +74,7 @@ class FacadeProcess:
                 cwd=PROJECT_ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT if log else None,
-                preexec_fn=_die_with_parent(),
+                preexec_fn=parent_death_signal(signal.SIGTERM),
             )
         finally:
             if log:

@@ -57,6 +57,15 @@ class Pipeline:
     def output(self) -> str:
         return pixel_output(self.task)
 
+    @property
+    def batches(self) -> bool:
+        """Its entry model takes NUM_IMAGES: n images come from one request (one batched denoise)."""
+        return "NUM_IMAGES" in self.inputs
+
+    def images(self, pixels: np.ndarray) -> list[np.ndarray]:
+        """An entry model's answer -> its images: IMAGE [N, H, W, 3] holds N of them, a VIDEO is one."""
+        return list(pixels) if self.output == "IMAGE" else [pixels]
+
     def answers_to(self, name: str) -> bool:
         """`model` may be the id, the prefix (with or without its "_") or the entry model's name."""
         return name in {self.id, self.prefix, self.prefix.rstrip("_"), self.entry_model} - {""}
@@ -74,7 +83,7 @@ class Pipeline:
 @dataclass
 class Generated:
     index: int  # which of the job's n images
-    pixels: np.ndarray  # uint8 [H, W, 3], or [F, H, W, 3] for a video
+    pixels: np.ndarray  # uint8 [H, W, 3], or [F, H, W, 3] for a video (after Pipeline.images)
     stats: dict[str, Any]  # the server's STATS: seed used, per-stage milliseconds, resolved params
 
 
@@ -227,15 +236,20 @@ async def _all_or_none(coroutines: list[Awaitable[T]]) -> list[T]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def generate_images(gateway: TritonGateway, pipeline: Pipeline, job: GenerationJob) -> list[Generated]:
-    """The job's n images, image i with seed + i.
+def _requests(pipeline: Pipeline, job: GenerationJob) -> list[Tensors]:
+    """How the job's n images become Triton requests: one request with NUM_IMAGES = n where the model
+    takes it (one batched denoise; the images are diffusers' num_images_per_prompt from one seed),
+    else n requests, image i with seed + i (the admission runs them side by side)."""
+    if pipeline.batches and job.n > 1:
+        return [{**job.tensors(0), "NUM_IMAGES": (np.array([job.n], np.int32), "INT32")}]
+    return [job.tensors(i) for i in range(job.n)]
 
-    The one place that turns n images into Triton requests: today n concurrent requests to the entry
-    model (the admission runs them side by side in its pipeline slots). A NUM_IMAGES input that batches
-    them in one denoiser forward would replace this body with one request, and nothing else changes.
-    """
-    results = await _all_or_none([gateway.infer(pipeline, job.tensors(i)) for i in range(job.n)])
-    return [Generated(i, pixels, stats) for i, (pixels, stats) in enumerate(results)]
+
+async def generate_images(gateway: TritonGateway, pipeline: Pipeline, job: GenerationJob) -> list[Generated]:
+    """The job's n images, numbered 0..n-1."""
+    results = await _all_or_none([gateway.infer(pipeline, tensors) for tensors in _requests(pipeline, job)])
+    images = [(image, stats) for pixels, stats in results for image in pipeline.images(pixels)][: job.n]
+    return [Generated(i, image, stats) for i, (image, stats) in enumerate(images)]
 
 
 async def stream_images(
@@ -244,16 +258,22 @@ async def stream_images(
     """generate_images, streamed: the n requests' Progress and Generated items as they come, each with its
     image's index; ends after the n-th image. The first error cancels the other requests and is raised."""
     queue: asyncio.Queue[tuple[int, Progress | Generated | BaseException]] = asyncio.Queue()
+    requests = _requests(pipeline, job)
+    per_request = job.n // len(requests)  # images each request answers
 
     async def run(index: int) -> None:
         try:
-            async for item in gateway.stream(pipeline, job.tensors(index)):
-                item.index = index
-                await queue.put((index, item))
+            async for item in gateway.stream(pipeline, requests[index]):
+                if isinstance(item, Generated):
+                    for k, image in enumerate(pipeline.images(item.pixels)[:per_request]):
+                        await queue.put((index, Generated(index * per_request + k, image, item.stats)))
+                else:
+                    item.index = index
+                    await queue.put((index, item))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             await queue.put((index, exc))
 
-    tasks = [asyncio.ensure_future(run(i)) for i in range(job.n)]
+    tasks = [asyncio.ensure_future(run(i)) for i in range(len(requests))]
     try:
         remaining = job.n
         while remaining:

@@ -18,9 +18,13 @@ def _flux_pipeline(weights: str):
     return pipe
 
 
-def flux_reference(model, prompt: str, *, height: int, width: int, steps: int, guidance_scale: float, seed: int) -> np.ndarray:
+def flux_reference(
+    model, prompt: str, *, height: int, width: int, steps: int, guidance_scale: float, seed: int, num_images: int = 0
+) -> np.ndarray:
+    """FluxPipeline's image [H, W, 3]; with `num_images` N > 0, its N images [N, H, W, 3]
+    (num_images_per_prompt=N, one generator)."""
     pipe = _flux_pipeline(str(model.weights))
-    image = pipe(
+    images = pipe(
         prompt,
         height=height,
         width=width,
@@ -28,8 +32,9 @@ def flux_reference(model, prompt: str, *, height: int, width: int, steps: int, g
         guidance_scale=guidance_scale,
         generator=torch.Generator("cpu").manual_seed(seed),
         max_sequence_length=model.max_sequence_length,
-    ).images[0]
-    return np.asarray(image)
+        num_images_per_prompt=max(1, num_images),
+    ).images
+    return np.stack([np.asarray(image) for image in images]) if num_images else np.asarray(images[0])
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -115,7 +115,7 @@ def test_a_served_compiled_denoiser_draws_the_eager_image_and_logs_its_compile(t
         stop_server_and_check(server, shm_before)
     assert "compiled 3 repeated blocks" in (tmp_path / "tritonserver.log").read_text()
     params = user_params(tiny_flux, cpu_system, steps=4, HEIGHT=64, WIDTH=64)
-    eager = load_stage("decoder", tiny_flux, cpu_system).decode(flux_eager.denoise(flux_embeddings, params))
+    eager = load_stage("decoder", tiny_flux, cpu_system).decode(flux_eager.denoise(flux_embeddings, params))[0]
     assert served.shape == eager.shape
     assert np.abs(served.astype(np.int16) - eager.astype(np.int16)).max() <= 1
 

@@ -113,7 +113,7 @@ def test_server_answers_an_image_or_invalid_arg(server, tensors):
     try:
         result = client.infer("smart_diffusion", inputs)
         image = result.as_numpy("IMAGE")
-        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert image.dtype == np.uint8 and image.shape[0] == 1 and image.ndim == 4 and image.shape[3] == 3
         event("image")
     except InferenceServerException as exc:
         event(f"INVALID_ARG {exc.message()[:90]}")

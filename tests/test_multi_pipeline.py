@@ -48,7 +48,7 @@ def run(server, job: tuple[str, str, bool, dict]) -> np.ndarray:
     prefix, protocol, stream, params = job
     with client_for(server, protocol, prefix) as client:
         result = client.stream(Request(**params)) if stream else client.infer(Request(**params))
-    return result.pixels
+    return result.image  # the image [H, W, 3], or the video [F, H, W, 3]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_num_frames_sent_to_the_image_pipeline_is_invalid_arg(multi_server, prot
             client.infer(Request(prompt="a cat", num_frames=9, seed=1), model=model)
         assert str(err.value.status) in ("400", "StatusCode.INVALID_ARGUMENT"), (err.value.status, str(err.value))
         assert "NUM_FRAMES" in str(err.value), str(err.value)
-        assert client.infer(Request(prompt="a cat", seed=1, steps=1), model=model).pixels.shape == (64, 64, 3)
+        assert client.infer(Request(prompt="a cat", seed=1, steps=1), model=model).images.shape == (1, 64, 64, 3)
 
 
 def test_image_output_asked_of_the_video_pipeline_is_invalid_arg(multi_server):

@@ -62,9 +62,12 @@ def oai(facade):
 
 @pytest.fixture(scope="module")
 def reference(server):
-    """Our own client's images (gRPC, the plain entry model), by seed."""
+    """Our own client's images (gRPC, the plain entry model): by seed, and "batch", the two images of one
+    NUM_IMAGES=2 request with seed 42 (tiny-flux accepts NUM_IMAGES)."""
     with SmartDiffusionClient(server.grpc_url, "grpc") as client:
-        return {seed: client.infer(Request(PROMPT, height=64, width=64, steps=3, seed=seed)).image for seed in (42, 43)}
+        images = {seed: client.infer(Request(PROMPT, height=64, width=64, steps=3, seed=seed)).image for seed in (42, 43)}
+        images["batch"] = client.infer(Request(PROMPT, height=64, width=64, steps=3, seed=42, num_images=2)).images
+    return images
 
 
 def extra(model: object) -> dict:
@@ -72,7 +75,8 @@ def extra(model: object) -> dict:
     return (model.model_extra or {})["smart_diffusion"]
 
 
-def test_generate_n2_is_bit_identical_to_our_client_with_seed_plus_index(oai, reference):
+def test_generate_n2_is_one_batched_request_bit_identical_to_our_client(oai, reference):
+    """tiny-flux takes NUM_IMAGES: n=2 is one request for two images (diffusers' num_images_per_prompt)."""
     result = oai.images.generate(
         prompt=PROMPT, size="64x64", n=2, response_format="b64_json", extra_body={"seed": 42, "steps": 3}
     )
@@ -81,9 +85,9 @@ def test_generate_n2_is_bit_identical_to_our_client_with_seed_plus_index(oai, re
         assert image.revised_prompt is None and image.url is None
         pixels = decode_png_b64(image.b64_json)
         assert pixels.shape == (64, 64, 3)
-        np.testing.assert_array_equal(pixels, reference[42 + index])
+        np.testing.assert_array_equal(pixels, reference["batch"][index])
         ours = extra(image)
-        assert ours["index"] == index and ours["seed"] == 42 + index
+        assert ours["index"] == index and ours["seed"] == 42 and ours["stats"]["params"]["num_images"] == 2
         assert ours["stats"]["steps"] == 3 and set(ours["stats"]["stages_ms"]) == {
             "text_encoder",
             "denoiser",
@@ -94,7 +98,7 @@ def test_generate_n2_is_bit_identical_to_our_client_with_seed_plus_index(oai, re
 def test_absent_seed_is_drawn_once_and_reported(oai):
     result = oai.images.generate(prompt=PROMPT, size="64x64", n=2, extra_body={"steps": 1})
     first, second = (extra(image)["seed"] for image in result.data)
-    assert second == first + 1
+    assert second == first  # one batched request, one seed
 
 
 def test_stream_reports_every_step_then_the_same_image(oai, reference):
@@ -115,12 +119,10 @@ def test_stream_n2_sends_both_images_by_index(oai, reference):
     )
     done = {extra(e)["index"]: e for e in events if e.type == "image_generation.completed"}
     assert sorted(done) == [0, 1]
-    progress = [e for e in events if e.type == "smart_diffusion.progress"]
-    assert sorted((e.model_extra["image_index"], e.model_extra["step"]) for e in progress) == [
-        (i, s) for i in (0, 1) for s in (1, 2, 3)
-    ]
+    progress = [e for e in events if e.type == "smart_diffusion.progress"]  # one batched request's steps
+    assert [(e.model_extra["image_index"], e.model_extra["step"]) for e in progress] == [(0, 1), (0, 2), (0, 3)]
     for index, event in done.items():
-        np.testing.assert_array_equal(decode_png_b64(event.b64_json), reference[42 + index])
+        np.testing.assert_array_equal(decode_png_b64(event.b64_json), reference["batch"][index])
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ def test_parallel_decode_equals_single_device_tiled_decode(tiny_flux, system, po
     assert len([t for row in tile_grid(single.vae, latents) for t in row]) > 2
     expected = single.decode(latents)
     got = pooled.decode(latents)
-    assert got.shape == expected.shape == (160, 224, 3)
+    assert got.shape == expected.shape == (1, 160, 224, 3)
     np.testing.assert_array_equal(got, expected)
 
 

@@ -128,6 +128,25 @@ def test_wrong_dtype_shape_and_unknown_inputs_are_rejected_by_name(server):
         client.close()
 
 
+@pytest.mark.parametrize(
+    "model,protocol,stream",
+    [("smart_diffusion", "http", False), ("smart_diffusion_stream", "grpc", True), ("smart_diffusion_ensemble", "grpc", False)],
+)
+def test_num_images_are_one_batched_request_bit_identical_to_num_images_per_prompt(server, tiny_flux, model, protocol, stream):
+    expected = flux_reference(tiny_flux, **CASE, num_images=3)
+    with client_for(server, protocol) as client:
+        request = Request(**CASE, num_images=3)
+        result = client.stream(request, model=model) if stream else client.infer(request, model=model)
+    assert result.images.shape == (3, 64, 96, 3)
+    np.testing.assert_array_equal(result.images, expected)
+    assert result.stats["params"]["num_images"] == 3 and result.stats["seed"] == CASE["seed"]
+
+
+def test_num_images_past_the_model_limit_is_refused(server):
+    with client_for(server, "http") as client, pytest.raises(GenerationError, match=r"NUM_IMAGES: 5 is out of range; allowed \[1, 4\]"):
+        client.infer(Request(**CASE, num_images=5))
+
+
 def test_cli_writes_the_png(server, reference, tmp_path):
     out = tmp_path / "cli.png"
     args = [

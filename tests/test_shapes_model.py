@@ -39,7 +39,7 @@ def _generate(stages, model: ModelParams, prompt: str, seed: int) -> np.ndarray:
     params = UserParams(prompt, "", model.default_height, model.default_width, model.default_steps,
                         model.default_guidance_scale, 0.0, seed)
     embeddings = stages["text_encoder"].encode(prompt, None)
-    return stages["decoder"].decode(stages["denoiser"].denoise(embeddings, params))
+    return stages["decoder"].decode(stages["denoiser"].denoise(embeddings, params))[0]
 
 
 def test_shipped_weights_are_small(shapes_flux):

@@ -1,6 +1,6 @@
-"""Stopping a launcher stops its server: nothing of it (processes, ports, /dev/shm regions) outlives
-SIGTERM, SIGINT or SIGHUP to `make serve`'s process group, a SIGKILL of make and the launcher, or
-SIGTERM to scripts/demo.py while it starts the server.
+"""Stopping a launcher stops its server and the OpenAI facade beside it: nothing of them (processes,
+ports, /dev/shm regions) outlives SIGTERM, SIGINT or SIGHUP to `make serve`'s process group, a SIGKILL
+of make and the launcher, or SIGTERM to scripts/demo.py while it starts the server.
 
 The server runs in its own session, so none of these signals reaches it directly: the launcher's
 orderly stop (serving.stop_on_signals) or the kernel's parent-death signal must take it down.
@@ -65,6 +65,14 @@ def _port_free(port: int) -> bool:
 def _ready(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def _facade_ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
             return r.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
@@ -150,12 +158,12 @@ def test_make_serve_leaves_nothing_behind(how: str, tmp_path: Path, snapshots: l
     """SIGTERM/SIGINT/SIGHUP to make's process group (docker, systemd, CI timeouts, Ctrl-C, a closed
     terminal), or SIGKILL of make and scripts/serve.py: within the server's exit timeout no process,
     port or /dev/shm region of it is left."""
-    ports = [free_port(), free_port(), free_port()]
+    ports = [free_port(), free_port(), free_port(), free_port()]  # HTTP, gRPC, metrics, OpenAI facade
     log = tmp_path / "make-serve.log"
     make = _start(["make", "--no-print-directory", "serve", f"HTTP_PORT={ports[0]}", f"GRPC_PORT={ports[1]}",
-                   f"METRICS_PORT={ports[2]}"], log)
+                   f"METRICS_PORT={ports[2]}", f"OPENAI_PORT={ports[3]}"], log)
     try:
-        _wait_for(lambda: _ready(ports[0]), make, log, "ready server")
+        _wait_for(lambda: _ready(ports[0]) and _facade_ready(ports[3]), make, log, "ready server and facade")
         snap = Snapshot(make.pid, ports)
         snapshots.append(snap)
         assert snap.servers() and snap.regions, f"no server tree or shm regions found under make: {snap.cmdlines}"

@@ -27,10 +27,24 @@ def test_split_stages_are_bit_exact_with_flux_pipeline(tiny_flux, stages, prompt
     params = UserParams(prompt, "", height, width, steps, guidance, 0.0, seed)
     embeddings = stages["text_encoder"].encode(prompt, None)
     latents = stages["denoiser"].denoise(embeddings, params)
-    image = stages["decoder"].decode(latents)
+    images = stages["decoder"].decode(latents)
     reference = flux_reference(tiny_flux, prompt, height=height, width=width, steps=steps, guidance_scale=guidance, seed=seed)
-    assert image.dtype == np.uint8 and image.shape == (height, width, 3)
-    np.testing.assert_array_equal(image, reference)
+    assert images.dtype == np.uint8 and images.shape == (1, height, width, 3)
+    np.testing.assert_array_equal(images[0], reference)
+
+
+def test_several_images_per_request_are_bit_exact_with_num_images_per_prompt(tiny_flux, stages):
+    """NUM_IMAGES = 3: one batched denoise of three noises drawn at once from the seed, as FluxPipeline's
+    num_images_per_prompt=3 with one generator."""
+    import dataclasses
+
+    params = dataclasses.replace(UserParams("a red circle", "", 64, 96, 3, 3.5, 0.0, 7), num_images=3)
+    latents = stages["denoiser"].denoise(stages["text_encoder"].encode(params.prompt, None), params)
+    images = stages["decoder"].decode(latents)
+    reference = flux_reference(tiny_flux, params.prompt, height=64, width=96, steps=3, guidance_scale=3.5, seed=7, num_images=3)
+    assert latents.shape[0] == 3 and images.shape == (3, 64, 96, 3)
+    np.testing.assert_array_equal(images, reference)
+    assert not np.array_equal(images[0], images[1])
 
 
 def test_each_request_gets_a_fresh_scheduler(stages):

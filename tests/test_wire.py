@@ -39,29 +39,36 @@ def test_every_config_declares_the_schema_dtypes(model):
 
 
 def test_committed_repository_accepts_exactly_the_image_fields():
+    from smart_diffusion_backend.repository import DEFAULT_MODEL
+
+    accepts = ModelParams.load(DEFAULT_MODEL).accepts
     for entry in ("smart_diffusion", "smart_diffusion_stream", "smart_diffusion_ensemble", "request_gate"):
         text = (ROOT / "model_repository" / entry / "config.pbtxt").read_text()
         inputs = text[text.index("input [") : text.index("output [")]
-        assert list(declared_dtypes(inputs)) == request_field_names("image"), entry
+        assert list(declared_dtypes(inputs)) == request_field_names("image", accepts), entry
     denoiser = (ROOT / "model_repository" / "denoiser" / "config.pbtxt").read_text()
-    assert set(denoiser_input_names("image")) <= set(declared_dtypes(denoiser))
+    assert set(denoiser_input_names("image", accepts)) <= set(declared_dtypes(denoiser))
 
 
 def test_client_request_and_user_params_carry_the_schema_fields():
     attrs = [f.attr for f in REQUEST_FIELDS]
     assert [f.name for f in dataclasses.fields(Request)] == attrs
-    assert [f.name for f in dataclasses.fields(UserParams)] == [a for a in attrs if a != "num_frames"] + ["num_frames"]
+    assert sorted(f.name for f in dataclasses.fields(UserParams)) == sorted(attrs)
     request = Request("a cat", negative_prompt="", height=64, width=96, num_frames=9, steps=3,
-                      guidance_scale=2.5, cache_ratio=0.5, seed=2**40)
+                      guidance_scale=2.5, cache_ratio=0.5, seed=2**40, input_image=np.zeros((8, 12, 3), np.uint8),
+                      mask_image=np.zeros((8, 12), np.uint8), strength=0.5, lora=("a", "b"), lora_scale=(1.0, 0.5),
+                      num_images=2)
     tensors = request.tensors()
     assert list(tensors) == [f.name for f in REQUEST_FIELDS]
     for name, (array, triton_dtype) in tensors.items():
-        assert array.dtype == FIELDS[name].dtype.numpy and triton_dtype == FIELDS[name].dtype.triton, name
-        assert array.shape == (1,)
+        field = FIELDS[name]
+        assert array.dtype == field.dtype.numpy and triton_dtype == field.dtype.triton, name
+        assert array.ndim == len(field.shape) and all(e in (-1, s) for s, e in zip(array.shape, field.shape)), name
 
 
 def test_encoded_user_params_parse_back_to_themselves():
     model, system = ModelParams.load("tiny-wan"), SystemParams.load("cpu")
     params = UserParams("a cat", "blurry", 64, 96, 3, 2.5, 0.0, 2**40, num_frames=9)
-    assert parse_user_params(encode_request(vars(params)), model, system) == params
-    assert encode_request({"prompt": "a", "seed": None}) == {"PROMPT": np.array([b"a"], dtype=np.object_)}
+    names = request_field_names(model.task, model.accepts)
+    assert parse_user_params(encode_request(vars(params), names), model, system) == params
+    assert encode_request({"prompt": "a", "seed": None, "lora": ()}) == {"PROMPT": np.array([b"a"], dtype=np.object_)}

@@ -45,10 +45,15 @@ def torch_device(system: SystemParams) -> torch.device:
 
 @dataclass
 class Embeddings:
-    """Text conditioning. Batch row 0 is the prompt; row 1, when present, the negative prompt (CFG)."""
+    """The encoder's conditioning. Batch row 0 is the prompt; row 1, when present, the negative prompt
+    (CFG). With INPUT_IMAGE (models that accept it) the family's image conditioning comes along: the
+    input image's latents, a mask in latent space, image-encoder embeddings (shapes are the family's)."""
 
     prompt_embeds: torch.Tensor  # [B, S, D]
     pooled_prompt_embeds: torch.Tensor  # [B, P]; P = 0 for families without a pooled embedding
+    image_latents: torch.Tensor | None = None
+    mask_latents: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
 
     @property
     def has_negative(self) -> bool:
@@ -75,6 +80,12 @@ class Stage(ABC):
 class TextEncoderStage(Stage):
     @abstractmethod
     def encode(self, prompt: str, negative_prompt: str | None) -> Embeddings: ...
+
+    def encode_conditioning(self, params: UserParams) -> dict[str, torch.Tensor]:
+        """The image conditioning of a request with INPUT_IMAGE, by wire name (IMAGE_LATENTS, MASK_LATENTS,
+        IMAGE_EMBEDS; those a family does not use are left out). Families whose models accept INPUT_IMAGE
+        override it."""
+        raise NotImplementedError(f"{type(self).__name__} takes no image conditioning")
 
 
 # Runs the two CFG branches: (forward, cond_kwargs, uncond_kwargs) -> (cond_out, uncond_out).

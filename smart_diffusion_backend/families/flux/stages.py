@@ -63,15 +63,17 @@ class FluxDenoiser(DenoiserStage):
         )
 
     def prepare_latents(self, params: UserParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed initial noise [1, h*w/4, 4C] and its position ids, as FluxPipeline.prepare_latents."""
+        """Packed initial noise [N, h*w/4, 4C] for N = NUM_IMAGES and its position ids, as
+        FluxPipeline.prepare_latents (one draw of all N from the seed, as num_images_per_prompt does)."""
         # A CPU generator makes the noise identical on every device and every rank.
         generator = torch.Generator("cpu").manual_seed(params.seed)
         height = 2 * (params.height // (self.vae_scale_factor * 2))
         width = 2 * (params.width // (self.vae_scale_factor * 2))
-        shape = (1, self.num_channels_latents, height, width)
+        batch = params.num_images
+        shape = (batch, self.num_channels_latents, height, width)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-        latents = FluxPipeline._pack_latents(latents, 1, self.num_channels_latents, height, width)
-        image_ids = FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, self.device, self.dtype)
+        latents = FluxPipeline._pack_latents(latents, batch, self.num_channels_latents, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, self.device, self.dtype)
         return latents, image_ids
 
     def make_scheduler(self, steps: int, image_seq_len: int) -> tuple[FlowMatchEulerDiscreteScheduler, torch.Tensor]:
@@ -104,8 +106,9 @@ class FluxDenoiser(DenoiserStage):
         """`cache_config` "model": mapped from the model yaml and CACHE_RATIO; a CacheConfig or None
         overrides it (benchmarks sweep configs that are not in any yaml)."""
         embeddings.validate()
-        prompt_embeds = embeddings.prompt_embeds[:1].to(self.device, self.dtype)
-        pooled = embeddings.pooled_prompt_embeds[:1].to(self.device, self.dtype)
+        # NUM_IMAGES images of one prompt: its embeddings repeated, as encode_prompt(num_images_per_prompt=N)
+        prompt_embeds = embeddings.prompt_embeds[:1].to(self.device, self.dtype).repeat(params.num_images, 1, 1)
+        pooled = embeddings.pooled_prompt_embeds[:1].to(self.device, self.dtype).repeat(params.num_images, 1)
         text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
 
         # 1. Initial noise and timesteps
@@ -114,6 +117,7 @@ class FluxDenoiser(DenoiserStage):
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([1], params.guidance_scale, device=self.device, dtype=torch.float32)
+            guidance = guidance.expand(latents.shape[0])
 
         # 2. Denoising loop, with this request's own feature cache (none at CACHE_RATIO 0)
         cache_config = self.cache_config_for(params, cache_config)
@@ -138,7 +142,7 @@ class FluxDenoiser(DenoiserStage):
         if stats is not None:
             stats.update(cache.stats())
 
-        # 3. Back to the VAE's latent layout [1, C, H/8, W/8]
+        # 3. Back to the VAE's latent layout [N, C, H/8, W/8]
         return FluxPipeline._unpack_latents(latents, params.height, params.width, self.vae_scale_factor)
 
 
@@ -154,9 +158,9 @@ class FluxDecoder(DecoderStage):
     def decode_with(self, latents: torch.Tensor, tiled_decode: Callable | None) -> np.ndarray:
         """Decode; `tiled_decode(vae, z)` replaces the VAE's own decode when the latents span several tiles
         (the parallel decode of a pool)."""
-        if latents.ndim != 4 or latents.shape[:2] != (1, self.vae.config.latent_channels):
+        if latents.ndim != 4 or latents.shape[1] != self.vae.config.latent_channels:
             raise ValueError(
-                f"LATENTS: expected shape [1, {self.vae.config.latent_channels}, h, w], got {list(latents.shape)}"
+                f"LATENTS: expected shape [N, {self.vae.config.latent_channels}, h, w], got {list(latents.shape)}"
             )
         latents = latents.to(self.device, self.dtype)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
@@ -165,4 +169,4 @@ class FluxDecoder(DecoderStage):
             image = tiled_decode(self.vae, latents)
         else:
             image = self.vae.decode(latents, return_dict=False)[0]
-        return to_uint8(image)[0]
+        return to_uint8(image)  # [N, H, W, 3]
