@@ -54,7 +54,8 @@ clean:
 bench-serve: weights .pa/bin/perf_analyzer
 	$(PY) scripts/bench_serve.py --out bench/results/serve-throughput-cpu.md
 
-# Mixed valid/invalid load at concurrency 8 for SOAK_S seconds; summary to bench/results/soak-cpu.md.
+# Mixed valid/invalid/hostile load at concurrency 8 for SOAK_S seconds, in 4 server rounds each stopped
+# by another signal; summary to bench/results/soak-cpu.md.
 SOAK_S ?= 600
 soak: weights
 	$(PY) scripts/soak.py --duration-s $(SOAK_S) --concurrency 8 --out bench/results/soak-cpu.md
