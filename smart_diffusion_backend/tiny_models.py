@@ -186,5 +186,83 @@ def build_tiny_wan(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A tiny StableDiffusion3Pipeline with random weights, laid out as SD3.5-medium: CLIP-L and CLIP-G with
+    projections (pooled 16 + 32), T5 (64 wide: the CLIPs' 48 are zero-padded to it), an SD3Transformer2DModel
+    whose first block has SD3.5's dual attention and RMS QK-norm (the last block is context_pre_only), the
+    16-channel AutoencoderKL with SD3's scaling and shift factors, and SD3.5's flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    clip_tokenizer = build_clip_tokenizer()
+    t5_tokenizer = build_t5_tokenizer()
+
+    def clip(width: int, heads: int) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(clip_tokenizer),
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=heads,
+                max_position_embeddings=77,
+                projection_dim=width,
+                bos_token_id=clip_tokenizer.bos_token_id,
+                eos_token_id=clip_tokenizer.eos_token_id,
+                pad_token_id=clip_tokenizer.pad_token_id,
+            )
+        )
+
+    clip_l, clip_g = clip(16, 2), clip(32, 4)
+    t5 = T5EncoderModel(T5Config(**{**_tiny_t5_config(t5_tokenizer), "d_model": 64, "d_kv": 16, "d_ff": 128}))
+    transformer = SD3Transformer2DModel(
+        sample_size=8,  # 64 px by default
+        patch_size=2,
+        in_channels=16,
+        num_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,  # T5's width
+        caption_projection_dim=32,
+        pooled_projection_dim=48,  # CLIP-L's 16 + CLIP-G's 32
+        out_channels=16,
+        pos_embed_max_size=64,  # sides up to 64 patches = 1024 px
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=1.5305,  # SD3's
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3.5's
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip_l,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=clip_g,
+        tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
+    )
+    out = Path(out_dir)
+    pipe.save_pretrained(out)
+    return out
+
+
 # model yaml name -> builder writing that model's weights directory
 TINY_BUILDERS = {"tiny-flux": build_tiny_flux, "tiny-wan": build_tiny_wan}
+TINY_BUILDERS["tiny-sd3"] = build_tiny_sd3

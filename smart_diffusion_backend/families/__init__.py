@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .base import Stage
 
 # The family folders: a model yaml's `family:` names one of them.
-FOLDERS: tuple[str, ...] = ("flux", "wan")
+FOLDERS: tuple[str, ...] = ("flux", "wan", "sd3")
 
 _BASE_NAMES = ("DecoderStage", "DenoiserStage", "Embeddings", "Stage", "TextEncoderStage")
 

@@ -105,6 +105,10 @@ class SequencePlan:
     # key lengths of the forward's cross-attentions: a chunk must not have one of these lengths, so the
     # attention can tell self-attention (queries and keys of one length) from cross-attention
     cross_attention_lengths: Callable[[Mapping[str, Any]], frozenset[int]] | None = None
+    # attention modules (fnmatch patterns over module paths) whose self-attention covers only the leading
+    # segments named here, not the whole joint sequence (e.g. an image-only attention beside a joint one):
+    # each rank pads its part of them to its chunk and masks the keys past their global length (kv_len)
+    segment_attention: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # one object per family: compared and hashed by identity

@@ -13,7 +13,9 @@
    forward's ``kv_len``, and cross-attention (``seq_q != seq_kv``: keys of a text or image context, whole
    on every rank) to the local backend. So that this test can never mistake a cross-attention for a
    self-attention, ``S_local`` is bumped (more padding) while it equals a cross-attention key length the
-   plan lists;
+   plan lists. An attention module the plan lists in ``segment_attention`` attends within the leading
+   segments only (e.g. image tokens beside a joint [image; text] attention): :class:`SegmentAttentionDispatch`
+   pads this rank's part of them to the chunk and masks the keys past their global length;
 3. all-gather the output of the plan's gather module (``proj_out``) over the SP group, so every rank
    returns the full prediction.
 
@@ -23,6 +25,7 @@ CFG rank 1 and all-gathers both predictions over the CFG group.
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -129,6 +132,7 @@ class SPForwardContext:
     """Per-forward facts the hooks hand to the attention callable (reset at every forward)."""
 
     kv_len: int | None = None  # valid keys of the global joint sequence; None = no padding
+    cut: "_Cut | None" = None  # this rank's part of each segment (the plan's segment attentions read it)
 
 
 class SPAttentionDispatch:
@@ -155,6 +159,47 @@ class SPAttentionDispatch:
             q, k, v, softmax_scale=softmax_scale, kv_len=self.context.kv_len if kv_len is None else kv_len,
             return_lse=return_lse,
         )
+
+
+class SegmentAttentionDispatch:
+    """The callable of an attention module whose self-attention covers only the leading ``segments`` of the
+    joint sequence (``SequencePlan.segment_attention``). This rank holds a prefix of its chunk of them; it is
+    zero-padded to the chunk length, so the SP attention sees the usual layout, and every key past the
+    segments' global length is masked (kv_len); the padded query rows are dropped again."""
+
+    def __init__(self, sp_attention: SequenceParallelAttention, context: SPForwardContext, segments: tuple[str, ...]):
+        self.sp_attention = sp_attention
+        self.context = context
+        self.segments = segments
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        softmax_scale: float | None = None,
+        kv_len: int | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        cut = self.context.cut
+        if cut is None:
+            raise RuntimeError("segment attention called outside a sequence-parallel forward")
+        held = sum(cut._local_len(segment) for segment in self.segments)
+        if q.shape[2] != held or k.shape[2] != held:
+            raise ValueError(
+                f"attention over the {'+'.join(self.segments)} tokens: this rank holds {held}, got q "
+                f"{tuple(q.shape)}, k {tuple(k.shape)}"
+            )
+        valid = sum(cut.tokens[segment] for segment in self.segments)
+        if kv_len is not None:
+            valid = min(valid, kv_len)
+        q, k, v = (_pad_to(x, 2, cut.layout.local_len) for x in (q, k, v))
+        result = self.sp_attention(q, k, v, softmax_scale=softmax_scale, kv_len=valid, return_lse=return_lse)
+        if return_lse:
+            out, lse = result
+            return out[:, :, :held], lse[:, :, :held]
+        return result[:, :, :held]
 
 
 @dataclass
@@ -266,6 +311,7 @@ def _install_plan(handle: SPTransformerHandle, plan: SequencePlan, sp: ps.GroupI
         avoid = plan.cross_attention_lengths(kw) if plan.cross_attention_lengths is not None else frozenset()
         cut = state["cut"] = _Cut(plan.segments, tokens, shard_layout(sum(tokens.values()), sp, avoid))
         handle.context.kv_len = cut.layout.kv_len
+        handle.context.cut = cut
         for name, split in plan.inputs.get("", {}).items():
             if name in kw:
                 kw[name] = cut.apply(kw[name], split)
@@ -299,6 +345,7 @@ def _install_plan(handle: SPTransformerHandle, plan: SequencePlan, sp: ps.GroupI
     def post_hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any):
         state.pop("cut", None)
         handle.context.kv_len = None
+        handle.context.cut = None
         return output
 
     handle.hooks.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
@@ -310,6 +357,21 @@ def _install_plan(handle: SPTransformerHandle, plan: SequencePlan, sp: ps.GroupI
         handle.hooks.append(model.get_submodule(path).register_forward_hook(output_hook(split)))
     handle.hooks.append(model.get_submodule(plan.gather.module).register_forward_hook(gather_hook))
     handle.hooks.append(model.register_forward_hook(post_hook, with_kwargs=True))
+
+
+def _install_segment_attention(handle: SPTransformerHandle, family: Family, plan: SequencePlan) -> None:
+    """The plan's attention modules over leading segments get a processor calling SegmentAttentionDispatch."""
+    for pattern, segments in plan.segment_attention.items():
+        segments = tuple(segments)
+        if not segments or plan.segments[: len(segments)] != segments:
+            raise ValueError(
+                f"{handle.family}: segment attention {pattern!r} over {segments}: must be leading segments of "
+                f"{plan.segments}"
+            )
+        processor = family.attention_processor_class()(SegmentAttentionDispatch(handle.attention, handle.context, segments))
+        for name, module in handle.transformer.named_modules():
+            if fnmatch.fnmatchcase(name, pattern) and hasattr(module, "set_processor"):
+                module.set_processor(processor)
 
 
 # ---- public -------------------------------------------------------------------------------------------
@@ -342,6 +404,7 @@ def parallelize_transformer(
     sp = ps.get_sp_group()
     if sp.world_size > 1:
         _install_plan(handle, family.sequence_plan, sp)
+        _install_segment_attention(handle, family, family.sequence_plan)
     transformer._sd_sp_handle = handle
     return handle
 
