@@ -99,6 +99,7 @@ class ModelParams:
     strength: Range = Range(0.0, 1.0)
     num_images: Range = Range(1, 1)
     max_input_side: int = 4096  # INPUT_IMAGE / MASK_IMAGE sides (resized to HEIGHT x WIDTH by the encoder)
+    min_input_side: int = 8
     lora: Mapping[str, Any] = field(default_factory=dict)  # `lora:` section (adapter directory, limits)
 
     def takes(self, field_name: str) -> bool:
@@ -138,6 +139,7 @@ class ModelParams:
                 strength=_range(limits.get("strength", [0.0, 1.0])),
                 num_images=_range(limits.get("num_images", [1, 1])),
                 max_input_side=int(limits.get("max_input_side", 4096)),
+                min_input_side=int(limits.get("min_input_side", 8)),
                 lora=dict(raw.get("lora", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -335,11 +337,14 @@ def parse_user_params(
     system: SystemParams,
     *,
     require_prompt: bool = True,
+    had_input_image: bool | None = None,
 ) -> UserParams:
     """Request tensors (name -> numpy array or scalar) -> validated UserParams.
 
     Absent names take the model's defaults; SEED absent draws a fresh random seed (reported back).
     `require_prompt=False` lets stages that never see the prompt (denoiser, decoder) reuse the checks.
+    `had_input_image`: for a stage that gets the image's conditioning instead of INPUT_IMAGE (the denoiser),
+    whether the request carried one; STRENGTH then defaults and is checked as it is beside the image.
     """
     allowed_names = request_field_names(model.task, model.accepts)
     for name in values:
@@ -352,7 +357,7 @@ def parse_user_params(
 
     max_bytes = 4 * model.max_prompt_chars  # UTF-8 takes at most 4 bytes per character
     got = {FIELDS[n].attr: _scalar(n, v, FIELDS[n].kind, max_bytes) for n, v in values.items() if FIELDS[n].scalar}
-    features = _optional_features(values, got, model)
+    features = _optional_features(values, got, model, had_input_image)
 
     prompt = got.get("prompt")
     if prompt is None:
@@ -447,12 +452,15 @@ def _image(name: str, value: Any, model: ModelParams, channels: int | None) -> n
     if arr.ndim != (3 if channels else 2) or (channels and arr.shape[2] != channels):
         raise ParamError(name, f"expected shape {wanted}, got {list(arr.shape)}")
     sides = arr.shape[:2]
-    if min(sides) < 8 or max(sides) > model.max_input_side:
-        raise ParamError(name, f"{sides[0]}x{sides[1]} pixels; each side allowed in [8, {model.max_input_side}]")
+    if min(sides) < model.min_input_side or max(sides) > model.max_input_side:
+        allowed = f"[{model.min_input_side}, {model.max_input_side}]"
+        raise ParamError(name, f"{sides[0]}x{sides[1]} pixels; each side allowed in {allowed}")
     return arr
 
 
-def _optional_features(values: Mapping[str, Any], got: dict[str, Any], model: ModelParams) -> dict[str, Any]:
+def _optional_features(
+    values: Mapping[str, Any], got: dict[str, Any], model: ModelParams, had_input_image: bool | None = None
+) -> dict[str, Any]:
     """The optional request fields (image conditioning, LoRA, several images), parsed and checked."""
     features: dict[str, Any] = {"num_images": got.get("num_images", 1)}
     _check_range("NUM_IMAGES", features["num_images"], model.num_images)
@@ -465,9 +473,10 @@ def _optional_features(values: Mapping[str, Any], got: dict[str, Any], model: Mo
         if mask.shape != image.shape[:2]:
             raise ParamError("MASK_IMAGE", f"is {mask.shape[0]}x{mask.shape[1]}; INPUT_IMAGE is {image.shape[0]}x{image.shape[1]}")
     strength = got.get("strength")
-    if strength is not None and image is None:
+    has_image = image is not None if had_input_image is None else had_input_image
+    if strength is not None and not has_image:
         raise ParamError("STRENGTH", "needs INPUT_IMAGE (the image it re-noises)")
-    if image is not None and model.takes("STRENGTH"):
+    if has_image and model.takes("STRENGTH"):
         strength = model.default_strength if strength is None else strength
         _check_range("STRENGTH", strength, model.strength)
         if strength <= 0:

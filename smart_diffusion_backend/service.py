@@ -153,7 +153,12 @@ class DenoiserService:
 
     def parse(self, inputs: Mapping[str, Any]) -> tuple[UserParams, Embeddings]:
         names = denoiser_input_names(self.model.task, self.model.accepts)
-        params = parse_user_params(_user_values(inputs, names), self.model, self.system, require_prompt=False)
+        had_image = None  # the images stay with the encoder: non-empty conditioning says there was one
+        if self.model.takes("INPUT_IMAGE"):
+            had_image = any(0 not in _stage_input(inputs, name).shape for name in CONDITIONING_TENSORS)
+        params = parse_user_params(
+            _user_values(inputs, names), self.model, self.system, require_prompt=False, had_input_image=had_image
+        )
         prompt, pooled = _stage_input(inputs, "PROMPT_EMBEDS"), _stage_input(inputs, "POOLED_PROMPT_EMBEDS")
         self.shapes.check_embeddings(prompt.shape, pooled.shape)  # before any value is read
         conditioning = {}
@@ -174,6 +179,9 @@ class DenoiserService:
         self, embeddings: Embeddings, params: UserParams, channel: str | None, cancel_check: Callable[[], bool] | None
     ) -> tuple[torch.Tensor, dict]:
         if self.pool is not None:
+            if any(getattr(embeddings, name.lower()) is not None for name in CONDITIONING_TENSORS):
+                # The pool's jobs carry the text embeddings only: refused, never denoised without the image.
+                raise ParamError("INPUT_IMAGE", "is not supported yet by a denoiser running on several ranks")
             return self.pool.denoise(embeddings, params, channel, cancel_check)
         reporter = StepReporter(channel) if channel else None
 

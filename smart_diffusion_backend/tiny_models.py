@@ -147,6 +147,19 @@ def build_tiny_flux(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny_flux_kontext(out_dir: str | Path, *, seed: int = 1) -> Path:
+    """tiny-flux's architecture as a FluxKontextPipeline directory (image editing with a reference image):
+    FLUX.1-Kontext-dev is a Flux transformer of the same shapes, so the components are tiny-flux's (other
+    random weights, from `seed`), written by the Kontext pipeline class's own save_pretrained."""
+    from diffusers import FluxKontextPipeline, FluxPipeline
+
+    out = Path(out_dir)
+    build_tiny_flux(out, seed=seed)
+    pipe = FluxKontextPipeline(**FluxPipeline.from_pretrained(out).components)
+    pipe.save_pretrained(out)  # model_index.json now names FluxKontextPipeline
+    return out
+
+
 def build_tiny_wan(out_dir: str | Path, *, seed: int = 0) -> Path:
     """A tiny WanPipeline (text-to-video) with random weights: UMT5 text encoder, WanTransformer3D,
     causal 3-D VAE (8x spatial, 4x temporal) and the UniPC flow scheduler Wan2.1 ships with."""
@@ -265,4 +278,5 @@ def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0) -> Path:
 
 # model yaml name -> builder writing that model's weights directory
 TINY_BUILDERS = {"tiny-flux": build_tiny_flux, "tiny-wan": build_tiny_wan}
+TINY_BUILDERS["tiny-flux-kontext"] = build_tiny_flux_kontext
 TINY_BUILDERS["tiny-sd3"] = build_tiny_sd3

@@ -2,14 +2,59 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from ...errors import ConfigError
 from ..spec import Family, Gather, SequencePlan, Split, WireDims, call_argument, read_config
 
 
 def vae_scale_factor(block_out_channels: list[int]) -> int:
     return 2 ** (len(block_out_channels) - 1)  # as FluxPipeline.__init__
+
+
+# How a model uses INPUT_IMAGE, from the pipeline class its directory was saved as (model_index.json):
+# "init_image": image-to-image (STRENGTH) and inpainting (MASK_IMAGE), FluxImg2ImgPipeline /
+# FluxInpaintPipeline semantics on a FluxPipeline directory; "reference": the image's latents join the
+# transformer's sequence, FluxKontextPipeline semantics. None: the model takes no image.
+REFERENCE_PIPELINES = ("FluxKontextPipeline",)
+REFERENCE_MULTIPLE = 16  # the reference image's sides are rounded down to this (VAE 8x down x 2x2 packing)
+
+
+def pipeline_class(weights: Path) -> str:
+    """The `_class_name` of a diffusers directory's model_index.json ("FluxPipeline", ...)."""
+    path = Path(weights) / "model_index.json"
+    try:
+        return str(json.loads(path.read_text())["_class_name"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read the pipeline class from {path}: {exc!r}") from exc
+
+
+def conditioning_mode(model: Any) -> str | None:
+    """"init_image", "reference" or None for a ModelParams; a yaml whose `accepts:` the weights cannot
+    honour fails the load (ConfigError)."""
+    if not model.takes("INPUT_IMAGE"):
+        return None
+    cls = pipeline_class(model.weights)
+    if cls in REFERENCE_PIPELINES:
+        extra = [n for n in ("STRENGTH", "MASK_IMAGE") if model.takes(n)]
+        if extra:
+            raise ConfigError(f"model {model.name!r}: a {cls} edits from a reference image; accepts: {extra} "
+                              "has no meaning for it (nothing is re-noised)")
+        # The reference keeps its size (rounded down to multiples of 16): every image the limits let in must
+        # give latents the wire takes, checked before admission rather than by the encoder.
+        largest = min(model.height.max, model.width.max)
+        if model.min_input_side < REFERENCE_MULTIPLE or model.max_input_side > largest:
+            raise ConfigError(
+                f"model {model.name!r}: a {cls}'s reference image is used at its own size: limits.min_input_side "
+                f"must be >= {REFERENCE_MULTIPLE} and limits.max_input_side <= {int(largest)} (the height / width "
+                f"limits); got [{model.min_input_side}, {model.max_input_side}]"
+            )
+        return "reference"
+    if not model.takes("STRENGTH"):
+        raise ConfigError(f"model {model.name!r}: image-to-image on a {cls} needs STRENGTH in accepts: too")
+    return "init_image"
 
 
 def wire_dims(weights: Path) -> WireDims:
