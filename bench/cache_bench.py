@@ -36,6 +36,7 @@ import yaml  # noqa: E402
 from smart_diffusion_backend.cache import CacheConfig  # noqa: E402
 from smart_diffusion_backend.families import family, load_stage  # noqa: E402
 from smart_diffusion_backend.params import ModelParams, SystemParams, UserParams  # noqa: E402
+from smart_diffusion_backend.repository import pipeline_name  # noqa: E402
 
 # Used only when the model yaml has no `cache:` section yet (docs/cache.md proposes these for the yamls).
 PROPOSED: dict[str, dict[str, Any]] = {
@@ -320,7 +321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     text = run(args)
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"cache-{Path(args.model).stem}.md"
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"cache-{pipeline_name(args.model)}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

@@ -3,8 +3,9 @@
 # enough to travel with the repository (the device tool's 64 MiB cap; the nvidia-pytriton wheel alone is 55 MB):
 #   tritonserver-slim.tar.xz  tritonserver 2.51, the Python backend, the 3.12 stub and only the bundled
 #                             libraries they link (ldd closure), laid out as the wheel installs them (~25 MB)
-#   gpusite.tar.xz            diffusers/transformers/tokenizers and tritonclient (HTTP+gRPC) with their
-#                             dependencies, installed for cp312 manylinux (~25 MB). numpy 1.26.4 as pinned:
+#   gpusite.tar.xz            diffusers/transformers and tritonclient (HTTP+gRPC) with their dependencies,
+#                             installed for cp312 manylinux (~19 MB); grpcio, protobuf and tokenizers come
+#                             with the GPU image (KINDS.md's package list). numpy 1.26.4 as pinned:
 #                             the 2.51 backend stub's pybind11 misreads numpy 2 dtypes (a BYTES input of
 #                             "ab.." arrives as its first byte repeated), and the GPU image has numpy 2
 # On the GPU machine: scripts/gpu_served_bench.sh unpacks both into /tmp/site.
@@ -46,10 +47,10 @@ tar -C "$slim" -cf - . | xz -9 -T0 > "$dest/tritonserver-slim.tar.xz"
 
 # 2. The Python packages the GPU image lacks, at the versions requirements.txt pins.
 rm -f "$work"/wheels/*
-dl diffusers==0.42.1 transformers==5.24.0 tokenizers==0.23.3 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 \
+dl diffusers==0.42.1 transformers==5.24.0 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 \
    click==8.5.1 truststore==0.10.5 importlib_metadata==10.2.0 \
    tritonclient==2.73.0 python-rapidjson==1.25 gevent==26.9.0 geventhttpclient==2.6.1 greenlet==3.3.2 \
-   zope.event==6.2 zope.interface==8.7 brotli==1.2.1 grpcio==1.85.3 protobuf==6.33.6 numpy==1.26.4
+   zope.event==6.2 zope.interface==8.7 brotli==1.2.1 numpy==1.26.4
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$work/site" --python-version 3.12 --implementation cp \
   --only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 "$work"/wheels/*.whl

@@ -35,6 +35,7 @@ from .triton_adapter import (
 from .wire import (
     CONDITIONING_TENSORS,
     EMBEDDING_TENSORS,
+    FIELDS,
     IMAGE_INPUTS,
     TEXT_INPUTS,
     denoiser_input_names,
@@ -59,7 +60,8 @@ def text_encoder_grant(key: bytes, pipeline_model: str, text_inputs: Mapping[str
 
 class RequestGate:
     """The ensemble's entry check (request_gate): the user params parse as they would in the BLS
-    orchestrator, and the text encoder gets a grant over the text inputs the ensemble passes it."""
+    orchestrator, the text encoder gets a grant over the text inputs the ensemble passes it, and the seed
+    is resolved once (drawn when the request has none) for every stage."""
 
     def __init__(self, model, system):
         self.model, self.system = model, system
@@ -70,9 +72,12 @@ class RequestGate:
         return cls(ModelParams.load(model_config), SystemParams.load(system_config))
 
     def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        parse_user_params(inputs, self.model, self.system)
+        params = parse_user_params(inputs, self.model, self.system)
         text_inputs = {name: inputs[name] for name in (*TEXT_INPUTS, *IMAGE_INPUTS) if name in inputs}
-        return {"STATS": text_encoder_grant(self.key, self.model.name, text_inputs)}
+        return {
+            "STATS": text_encoder_grant(self.key, self.model.name, text_inputs),
+            "SEED": FIELDS["SEED"].encode(params.seed),
+        }
 
 
 def entry_admission(model_setup: ModelSetup, pipeline: "PipelineOrchestrator", metrics: Any = None) -> Admission:
@@ -156,7 +161,12 @@ def call_stage(
     if result.has_error():
         error = result.error()
         code = error.code() if hasattr(error, "code") else pb.TritonError.INTERNAL
-        raise StageError(error.message(), code)
+        message = error.message()
+        # Triton 2.51's BLS hands every stage error back as INTERNAL (server issue #7804). A stage's ParamError
+        # names a request field first ("LORA: unknown adapter ..."): that one is the client's, INVALID_ARG.
+        if code == pb.TritonError.INTERNAL and message.split(":", 1)[0] in FIELDS:
+            code = pb.TritonError.INVALID_ARG
+        raise StageError(message, code)
     return {name: pb.get_output_tensor_by_name(result, name) for name in outputs}
 
 

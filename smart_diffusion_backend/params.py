@@ -101,6 +101,8 @@ class ModelParams:
     max_input_side: int = 4096  # INPUT_IMAGE / MASK_IMAGE sides (resized to HEIGHT x WIDTH by the encoder)
     min_input_side: int = 8
     lora: Mapping[str, Any] = field(default_factory=dict)  # `lora:` section (adapter directory, limits)
+    # Sizes a compiled denoiser warms at load (HEIGHT, WIDTH), so no user request pays a compile
+    warm_sizes: tuple[tuple[int, int], ...] = ()
 
     def takes(self, field_name: str) -> bool:
         return field_name in self.accepts
@@ -141,6 +143,8 @@ class ModelParams:
                 max_input_side=int(limits.get("max_input_side", 4096)),
                 min_input_side=int(limits.get("min_input_side", 8)),
                 lora=dict(raw.get("lora", {})),
+                warm_sizes=tuple((int(h), int(w)) for h, w in raw.get("warm_sizes") or [])
+                or ((int(defaults["height"]), int(defaults["width"])),),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: bad or missing model param ({exc!r})") from exc
@@ -168,6 +172,8 @@ def _accepts(names: Any, path: Path) -> tuple[str, ...]:
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _DEVICES = ("cpu", "cuda")
+# What `fast_path: true` sets unless the yaml gives the key itself
+FAST_PATH_DEFAULTS: dict[str, Any] = {"attention_backend": "triton", "compile_transformer": True, "fp8_linear": "auto"}
 _ATTENTION_BACKENDS = ("sdpa", "triton", "triton_int8", "triton_fp8", "flash_attn")  # triton_fp8: old name of triton_int8
 
 
@@ -186,8 +192,12 @@ class SystemParams:
     max_steps: int = 100  # a ceiling below the model's own limit, for latency budgets
     torch_threads: int = 0  # 0 = torch's default
     compile_transformer: bool = False
-    # FP8 (e4m3, rowwise scales) GEMMs for the transformer blocks' projections and MLPs (quant/fp8_linear.py)
-    fp8_linear: bool = False
+    # FP8 (e4m3, rowwise scales) GEMMs for the transformer blocks' projections and MLPs (quant/fp8_linear.py);
+    # "auto": where the card has FP8 tensor cores and the dtype is bf16
+    fp8_linear: bool | str = False
+    # The fast path (GPU yamls): our attention, regional compile warmed at load, fp8_linear auto. It sets
+    # those three defaults; a key given explicitly wins. false = the exact path, bit-identical to diffusers.
+    fast_path: bool = False
     vae_tiling: bool = False
     # Requests waiting per entry model (FIFO) before new ones are refused with UNAVAILABLE; 0 = unbounded.
     max_queue_size: int = 0
@@ -215,6 +225,9 @@ class SystemParams:
         if unknown:
             raise ConfigError(f"{path}: unknown system params {unknown}; known: {sorted(known)}")
         raw.setdefault("name", path.stem)
+        if raw.get("fast_path"):
+            for key, value in FAST_PATH_DEFAULTS.items():
+                raw.setdefault(key, value)
         try:
             params = cls(**raw)
         except TypeError as exc:
@@ -236,8 +249,9 @@ class SystemParams:
             (self.max_steps > 0, "max_steps must be > 0"),
             (self.max_queue_size >= 0, "max_queue_size must be >= 0 (0: unbounded)"),
             (self.max_queue_delay_s >= 0, "max_queue_delay_s must be >= 0 (0: unbounded)"),
+            (self.fp8_linear in (True, False, "auto"), f"fp8_linear={self.fp8_linear!r} not in (true, false, auto)"),
             (
-                not (self.fp8_linear and self.device == "cuda" and self.dtype != "bfloat16"),
+                not (self.fp8_linear is True and self.device == "cuda" and self.dtype != "bfloat16"),
                 f"fp8_linear on cuda needs dtype bfloat16 (rowwise-scaled FP8 GEMMs write bf16), got {self.dtype!r}",
             ),
         ]

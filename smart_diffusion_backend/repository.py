@@ -179,7 +179,7 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
     # One orchestrator instance: it hands each request to its admission at once, which runs up to
     # PIPELINE_SLOTS of them concurrently (orchestrator.serve_admitted).
     orchestrator_inputs = _user_inputs(model, user, True)
-    configs[GATE] = python_model(GATE, orchestrator_inputs, [_stats()], 1)
+    configs[GATE] = python_model(GATE, orchestrator_inputs, [_stats(), _tensor("SEED", [1])], 1)
     configs["smart_diffusion"] = python_model(
         "smart_diffusion", orchestrator_inputs, [_pixels(model), _stats()], 1, **stage_names
     )
@@ -203,11 +203,17 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
         return f'  {{ model_name: "{entry.name(stage)}" model_version: -1{maps} }}'
 
     pixels = pixel_output(model.task)
+
+    def fed(names: list[str]) -> dict[str, str]:
+        # SEED comes from the gate, which draws one when the request has none: the encoder (VAE sampling)
+        # and the denoiser (noise) then draw from the same seed, the one STATS reports.
+        return {n: "resolved_seed" if n == "SEED" else n for n in names}
+
     steps = [
-        step(GATE, {n: n for n in user}, {"STATS": "grant_stats"}),
+        step(GATE, {n: n for n in user}, {"STATS": "grant_stats", "SEED": "resolved_seed"}),
         step(
             "text_encoder",
-            {**{n: n for n in text_inputs}, "STATS": "grant_stats"},
+            {**fed(text_inputs), "STATS": "grant_stats"},
             {
                 "PROMPT_EMBEDS": "prompt_embeds",
                 "POOLED_PROMPT_EMBEDS": "pooled_prompt_embeds",
@@ -222,7 +228,7 @@ def model_configs(entry: PipelineEntry, system_config: str) -> dict[str, str]:
                 "POOLED_PROMPT_EMBEDS": "pooled_prompt_embeds",
                 **{n: n.lower() for n in conditioning_names},
                 "STATS": "encode_stats",
-                **{n: n for n in denoise_inputs},
+                **fed(denoise_inputs),
             },
             {"LATENTS": "latents", "STATS": "denoise_stats"},
         ),
@@ -244,6 +250,12 @@ def adapter_source(base: str) -> Path:
     return project_root() / "model_repository" / base / "1" / "model.py"
 
 
+def pipeline_name(config_name: str) -> str:
+    """A model yaml's name as a model-name prefix: `sd3.5-medium` stays whole (a dot is no suffix there);
+    a path to a .yaml gives its file name without the extension."""
+    return Path(config_name).stem if config_name.endswith((".yaml", ".yml")) else Path(config_name).name
+
+
 def write_repository(out_dir: Path, model_configs_names: list[str], system_config: str) -> list[str]:
     """Write a repository serving each named model yaml; returns the Triton model names written."""
     prefix_names = len(model_configs_names) > 1
@@ -251,7 +263,7 @@ def write_repository(out_dir: Path, model_configs_names: list[str], system_confi
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for config_name in model_configs_names:
-        entry = PipelineEntry(config_name, f"{Path(config_name).stem}_" if prefix_names else "")
+        entry = PipelineEntry(config_name, f"{pipeline_name(config_name)}_" if prefix_names else "")
         for base, text in model_configs(entry, system_config).items():
             model_dir = out_dir / entry.name(base)
             version_dir = model_dir / "1"

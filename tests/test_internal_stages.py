@@ -22,6 +22,7 @@ pytestmark = pytest.mark.server
 
 MAX_SECONDS, MAX_GROWTH = 2.0, 200 * 2**20
 PIPELINE = "tiny-flux"  # ModelParams.name of the served model: grants bind it
+CONDITIONING = (("IMAGE_LATENTS", 4), ("MASK_LATENTS", 4), ("IMAGE_EMBEDS", 3))
 
 
 def _tensor(name: str, array: np.ndarray):
@@ -49,6 +50,8 @@ def _embeds(seq: int = 32, width: int = 32, value: float = 0.0) -> dict[str, np.
     return {
         "PROMPT_EMBEDS": np.full((1, seq, width), value, np.float32),
         "POOLED_PROMPT_EMBEDS": np.zeros((1, 32), np.float32),
+        # tiny-flux takes image conditioning: the encoder's three tensors, zero-size without an image
+        **{name: np.zeros((0,) * rank, np.float32) for name, rank in CONDITIONING},
     }
 
 
@@ -129,7 +132,8 @@ def test_a_valid_grant_runs_the_stage_and_hands_on_the_next_one(server):
         inputs = _granted(key, "text_encoder", _prompt(b"a cat"))
         result = client.infer("text_encoder", [_tensor(n, a) for n, a in inputs.items()])
         stats = json.loads(result.as_numpy("STATS")[0])
-        embeds = {n: result.as_numpy(n) for n in ("PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS")}
+        names = ("PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS", *(name for name, _ in CONDITIONING))
+        embeds = {n: result.as_numpy(n) for n in names}
         assert stats[GRANT_KEY] == mint(key, PIPELINE, "denoiser", binding("denoiser", embeds))
     finally:
         client.close()

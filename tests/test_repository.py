@@ -50,3 +50,11 @@ def test_gpu_systems_keep_stage_tensors_on_the_gpu():
     for system in ("cpu", "gpu-2"):
         configs = model_configs(PipelineEntry(DEFAULT_MODEL, ""), system)
         assert all("KIND_GPU" not in text and "FORCE_CPU_ONLY" not in text for text in configs.values()), system
+
+
+def test_model_names_with_dots_keep_their_whole_name_as_prefix(tmp_path):
+    from smart_diffusion_backend.repository import pipeline_name
+
+    assert pipeline_name("wan2.1-t2v-1.3b") == "wan2.1-t2v-1.3b" and pipeline_name("configs/x/my.model.yaml") == "my.model"
+    names = write_repository(tmp_path, ["tiny-flux", "wan2.1-t2v-1.3b"], "cpu")
+    assert "wan2.1-t2v-1.3b_smart_diffusion" in names and "tiny-flux_denoiser" in names
