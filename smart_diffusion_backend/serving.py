@@ -3,12 +3,12 @@
 Used by `make serve`, `make demo`, the integration tests and the benchmarks, so all of them run the
 same server the same way. Nothing here imports Triton: the server is a subprocess.
 
-Traps this handles (see shared/TRITON_SETUP.md): the Python-backend stub embeds the first `python3`
-on PATH, so the interpreter's bin dir goes first; the stub needs the interpreter's libpython and the
-wheel's bundled libs on LD_LIBRARY_PATH, or the server hangs never ready — so readiness is polled
-with a deadline, and on timeout the server is killed and the log tail raised. Only libpython goes on
-LD_LIBRARY_PATH, never its whole LIBDIR: on a GPU host /usr/lib/x86_64-linux-gnu also holds a system
-cuDNN, which then shadowed torch's bundled one in every stub and pool worker (12 % slower steps on an H100).
+Traps this handles: the Python-backend stub embeds the first `python3` on PATH, so the interpreter's
+bin dir goes first; the stub needs the interpreter's libpython and the wheel's bundled libs on
+LD_LIBRARY_PATH, or the server hangs never ready — so readiness is polled with a deadline, and on
+timeout the server is killed and the log tail raised. Only libpython goes on LD_LIBRARY_PATH, never its
+whole LIBDIR: on a GPU host /usr/lib/x86_64-linux-gnu also holds a system cuDNN, which would shadow
+torch's bundled one in every stub and pool worker (measured 12 % slower steps on an H100).
 
 Stopping: the server runs in its own session (so stop() can signal it and every stub at once), which
 also means a signal to the launcher's process group never reaches it. Two things keep it from
