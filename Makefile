@@ -52,10 +52,10 @@ clean:
 	.pa/bin/pip install -q --no-deps tritonclient==2.51.0 nvidia-cuda-runtime-cu12==12.9.79
 
 bench-serve: weights .pa/bin/perf_analyzer
-	$(PY) scripts/bench_serve.py --out bench/results/serve-throughput-cpu.md
+	$(PY) -m bench.serve_throughput --out bench/results/serving/serve-throughput-cpu.md
 
 # Mixed valid/invalid/hostile load at concurrency 8 for SOAK_S seconds, in 4 server rounds each stopped
-# by another signal; summary to bench/results/soak-cpu.md.
+# by another signal; summary to bench/results/soak/soak-cpu.md.
 SOAK_S ?= 600
 soak: weights
-	$(PY) scripts/soak.py --duration-s $(SOAK_S) --concurrency 8 --out bench/results/soak-cpu.md
+	$(PY) -m bench.soak --duration-s $(SOAK_S) --concurrency 8 --out bench/results/soak/soak-cpu.md

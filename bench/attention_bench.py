@@ -1,12 +1,12 @@
 """Attention kernel benchmark on one GPU: correctness first, then speed against torch SDPA (cuDNN, flash).
 
-    python bench/attention_bench.py [--out results.md] [--sizes 4608,16384,32760,75600] [--skip-check]
+    python -m bench.attention_bench [--out results.md] [--sizes 4608,16384,32760,75600] [--skip-check]
 
 Correctness: fresh random inputs per check, the output poisoned with NaN before the run (every element must be
 written), relative L2 against a float32 reference: bf16 <= 1e-2, quantised <= 2e-2 (reported, "fp8" is
 expected to miss it: see docs/attention.md). Speed: triton.testing.do_bench medians, B=1, head_dim 128,
 TFLOP/s = 4*H*S^2*D / t. Writes a markdown table (card, versions, command) to --out (default
-$OUT/attention-bench.md or bench/results/attention-bench.md).
+$OUT/attention-bench.md or bench/results/attention/attention-bench.md).
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from smart_diffusion_backend.kernels import flash_attention  # noqa: E402
-from smart_diffusion_backend.kernels.flash_attention import _build_kernels, portable_attention  # noqa: E402
-from smart_diffusion_backend.kernels.hopper_attention import (  # noqa: E402
+from smart_diffusion_backend.kernels import flash_attention
+from smart_diffusion_backend.kernels.flash_attention import _build_kernels, portable_attention
+from smart_diffusion_backend.kernels.hopper_attention import (
     hopper_attention,
     hopper_int8_attention,
     hopper_supports,
@@ -230,7 +229,7 @@ def write_markdown(path: Path, checks: list[dict], timings: list[dict], command:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_out = Path(os.environ["OUT"]) / "attention-bench.md" if "OUT" in os.environ else \
-        Path(__file__).parent / "results" / "attention-bench.md"
+        Path(__file__).parent / "results" / "attention" / "attention-bench.md"
     parser.add_argument("--out", type=Path, default=default_out)
     parser.add_argument("--sizes", default="4608,16384,32760,75600")
     parser.add_argument("--precisions", default="bf16,int8,fp8")
@@ -238,7 +237,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("attention_bench needs a CUDA GPU")
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = "python -m bench.attention_bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     checks = [] if args.skip_check else correctness_checks()
     timings = speed([int(s) for s in args.sizes.split(",")], args.precisions.split(","))
     write_markdown(args.out, checks, timings, command)

@@ -2,7 +2,7 @@
 its forward in 100 ms against SDPA's 43 ms, transformer-step-flux-h100.md). Tiny shapes make GPU time
 negligible, so the loop's wall time is the host's cost of issuing the calls.
 
-    python bench/attention_host_overhead.py [--calls 300] [--profile]   # needs a CUDA GPU
+    python -m bench.attention_host_overhead [--calls 300] [--profile]   # needs a CUDA GPU
 """
 
 from __future__ import annotations
@@ -12,17 +12,14 @@ import cProfile
 import io
 import json
 import pstats
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from smart_diffusion_backend.kernels import flash_attention  # noqa: E402
-from smart_diffusion_backend.kernels import hopper_attention as hopper  # noqa: E402
-from smart_diffusion_backend.kernels.flash_attention import portable_attention  # noqa: E402
+from smart_diffusion_backend.kernels import flash_attention
+from smart_diffusion_backend.kernels import hopper_attention as hopper
+from smart_diffusion_backend.kernels.flash_attention import portable_attention
 
 
 def issue_us(fn, args, calls: int) -> dict:

@@ -1,6 +1,6 @@
 """What a BLS hop costs per tensor, by dtype and memory: the choice behind the stage wire format.
 
-    .venv/bin/python bench/bls_relay.py [--mib 8 1 3] [--repeats 20] [--out bench/results/bls-relay-cpu.md]
+    .venv/bin/python -m bench.bls_relay [--mib 8 1 3] [--repeats 20] [--out bench/results/serving/bls-relay-cpu.md]
 
 Starts a real tritonserver with three throwaway Python models (written under build/bls_relay):
 `source` makes a tensor of N elements (float32 or bfloat16, host or GPU memory), `sink` receives it
@@ -16,17 +16,14 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from smart_diffusion_backend.params import project_root  # noqa: E402
-from report import emit  # noqa: E402 - bench/report.py, beside this script
-from smart_diffusion_backend.serving import TritonServer, free_port, host_has_gpu  # noqa: E402
+from bench.report import emit
+from smart_diffusion_backend.params import project_root
+from smart_diffusion_backend.serving import TritonServer, free_port, host_has_gpu
 
 SOURCE = '''
 import numpy as np
@@ -191,7 +188,7 @@ def main() -> None:
         "",
         f"Machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
         + (f", GPU: {gpu_name()}" if gpu else ", no GPU"),
-        f"Command: `python bench/bls_relay.py --mib {' '.join(f'{m:g}' for m in args.mib)} --repeats {args.repeats}`",
+        f"Command: `python -m bench.bls_relay --mib {' '.join(f'{m:g}' for m in args.mib)} --repeats {args.repeats}`",
         "",
         "`source` ms: the orchestrator's BLS call that brings the tensor back; `sink` ms: the call that hands it on",
         "(medians; both include the tiny model work: making, and summing, the tensor).",

@@ -11,24 +11,22 @@ warm-up 1, cool-down 1, at most 4 skips in a row):
   2. cache hooks on, never skipping (threshold -1: metric, residual bookkeeping all run)    -> overhead
   3. the schedule replayed (CacheConfig.schedule)                                           -> achieved
   and the ideal: baseline x (block evaluations done / total), the time if only blocks cost.
-Writes bench/results/cache-gpu.md. Not run on CPU (needs ~31 GiB for Wan-14B at 480p).
+Writes bench/results/cache/cache-gpu.md. Not run on CPU (needs ~31 GiB for Wan-14B at 480p).
 
-  python bench/cache_gpu_bench.py --models flux wan --flux-steps 28 --wan-steps 10
+  python -m bench.cache_gpu_bench --models flux wan --flux-steps 28 --wan-steps 10
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+from smart_diffusion_backend.cache import CacheConfig, request_cache
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from smart_diffusion_backend.cache import CacheConfig, request_cache  # noqa: E402
 
 
 def flux_setup(device, dtype):
@@ -132,7 +130,7 @@ def main() -> None:
     ap.add_argument("--policy", default="fbc", choices=["fbc", "teacache"])
     ap.add_argument("--schedule", default=None, help="'C'/'S' per step; default: default_schedule(steps)")
     ap.add_argument("--warmup-runs", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cache-gpu.md"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cache" / "cache-gpu.md"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("cache_gpu_bench needs a CUDA GPU")

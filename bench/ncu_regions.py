@@ -1,13 +1,13 @@
 """Where a kernel's warps spend their time, by code region, from Nsight Compute's per-instruction source page.
 
     ncu --import REPORT.ncu-rep --page source --csv --print-source sass > source.csv
-    python bench/ncu_regions.py source.csv [--min-share 0.5] [--out regions.md]
+    python -m bench.ncu_regions source.csv [--min-share 0.5] [--out regions.md]
 
 A region is a run of consecutive SASS instructions that executed the same number of times: a loop body, a
 prologue, a per-tile epilogue, or idle warps parked at the exit (executed once per warp). For each region the
 table gives its share of the warp-stall samples, how often its instructions ran, its first and last instruction,
 and the stall reasons that take at least 10 % of its samples. `scripts/gpu_served_bench.sh profile` runs it on the
-attention kernel; bench/results/attention-h100.md reads one such table.
+attention kernel; bench/results/attention/attention-h100.md reads one such table.
 """
 
 from __future__ import annotations

@@ -6,22 +6,19 @@ encoder, the 16-channel Flux VAE), tokenizers built in code (smart_diffusion_bac
 with `save_pretrained` and loaded by the server through `from_pretrained`, the production path. Speed is
 what it measures; the pictures are noise.
 
-    python bench/random_weights.py --out /tmp/flux1-dev-random [--device cuda]
+    python -m bench.random_weights --out /tmp/flux1-dev-random [--device cuda]
     ln -s /tmp/flux1-dev-random weights/FLUX.1-dev     # where configs/models/flux1-dev.yaml looks
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from smart_diffusion_backend.tiny_models import build_clip_tokenizer, build_t5_tokenizer, flux_dev_scheduler  # noqa: E402
+from smart_diffusion_backend.tiny_models import build_clip_tokenizer, build_t5_tokenizer, flux_dev_scheduler
 
 
 def build_flux_dev(out_dir: Path, device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:

@@ -2,7 +2,7 @@
 (the hardware's e4m3 conversion included), then its time beside what torch.compile's inductor makes of the same
 arithmetic and beside eager torch, at the MLP shapes of Wan2.1-14B 480p and Flux.1-dev 1024².
 
-    python bench/rowwise_fp8_bench.py [--out bench/results/rowwise-fp8-h100.md]
+    python -m bench.rowwise_fp8_bench [--out bench/results/quantization/rowwise-fp8-h100.md]
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from smart_diffusion_backend.kernels.rowwise_fp8 import _launch, rowwise_fp8_reference  # noqa: E402
+from smart_diffusion_backend.kernels.rowwise_fp8 import _launch, rowwise_fp8_reference
 
 # (name, rows, cols, bias + GELU): the second MLP layer's input, and a plain projection's input
 SHAPES = [("Wan 480p MLP (32,760 × 13,824)", 32760, 13824, True),
@@ -66,7 +65,7 @@ def main() -> None:
     lines = ["# Rowwise e4m3 quantisation (kernels/rowwise_fp8.py) on one GPU", "",
              f"- card: {torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__} · "
              f"{time.strftime('%Y-%m-%d %H:%M')}",
-             f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`", "",
+             f"- command: `python -m bench.rowwise_fp8_bench {' '.join(shlex.quote(a) for a in sys.argv[1:])}`", "",
              "## Speed (median of do_bench; TB/s counts the bf16 read and the e4m3 write once)", "",
              "| input | ours | inductor (torch.compile of the same arithmetic) | eager torch |", "|---|---|---|---|"]
     for row in timings:

@@ -1,9 +1,9 @@
 """Per-stage times and Triton overhead: the same request served vs called in-process.
 
-    .venv/bin/python bench/serve_overhead.py --height 256 --width 256 --steps 4 --repeats 10 \
-        [--model tiny-flux --system cpu] [--out bench/results/serve-overhead-cpu.md]
-    # GPU, real-architecture FLUX.1-dev (bench/random_weights.py), two copies would not fit one card:
-    python bench/serve_overhead.py --model flux1-dev --system gpu-1 --height 1024 --width 1024 \
+    .venv/bin/python -m bench.serve_overhead --height 256 --width 256 --steps 4 --repeats 10 \
+        [--model tiny-flux --system cpu] [--out bench/results/serving/serve-overhead-cpu.md]
+    # GPU, real-architecture FLUX.1-dev (python -m bench.random_weights), two copies would not fit one card:
+    python -m bench.serve_overhead --model flux1-dev --system gpu-1 --height 1024 --width 1024 \
         --steps 28 --repeats 5 --sequential --cycles 2 --warmup-s 60 --ready-timeout 900
 
 In-process: the three stage services called back to back in this process (what the server runs,
@@ -29,10 +29,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from bench.report import emit  # noqa: E402
 from client import Request, SmartDiffusionClient  # noqa: E402
 from smart_diffusion_backend.params import project_root  # noqa: E402
 from smart_diffusion_backend.repository import write_repository  # noqa: E402
-from report import emit  # noqa: E402 - bench/report.py, beside this script
 from smart_diffusion_backend.serving import TritonServer, free_port  # noqa: E402
 from smart_diffusion_backend.service import DecoderService, DenoiserService, TextEncoderService, load_params  # noqa: E402
 
@@ -204,7 +204,7 @@ def main() -> None:
                   else f"IMAGES DIFFER from the in-process image: {', '.join(state['mismatch'])}."),
         f"Server: ready {load_s:.1f} s after start (model load included), exit code {exit_code}."
         + "".join(f" FAILED {failure}." for failure in state.get("failed", [])),
-        f"Command: `python {' '.join(sys.argv)}`",
+        f"Command: `python -m bench.serve_overhead {' '.join(sys.argv[1:])}`",
         "",
         "| path | total ms (median) | min | max | text_encoder ms | denoiser ms | vae_decoder ms | BLS hops ms | "
         "BLS hop ms (text / denoise / decode) | client + frontend ms | overhead vs in-process |",

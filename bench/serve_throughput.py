@@ -7,7 +7,7 @@
 3. perf_analyzer (if installed in .pa/, see shared/TRITON_SETUP.md) against the ensemble and the
    BLS model over HTTP and gRPC and the stream model with --streaming, per bench/perf_analyzer/runs.json.
 
-    .venv/bin/python scripts/bench_serve.py --out bench/results/serve-throughput-cpu.md
+    .venv/bin/python -m bench.serve_throughput --out bench/results/serving/serve-throughput-cpu.md
 """
 
 from __future__ import annotations
@@ -23,13 +23,11 @@ import threading
 import time
 from pathlib import Path
 
+from client import Request, SmartDiffusionClient
+from smart_diffusion_backend.repository import write_repository
+from smart_diffusion_backend.serving import TritonServer, free_port, stop_on_signals
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from client import Request, SmartDiffusionClient  # noqa: E402
-from smart_diffusion_backend.repository import write_repository  # noqa: E402
-from smart_diffusion_backend.serving import TritonServer, free_port, stop_on_signals  # noqa: E402
-
 PA_DIR = ROOT / ".pa"
 PA_BIN = PA_DIR / "bin" / "perf_analyzer"
 PA_CONFIG = ROOT / "bench" / "perf_analyzer"
@@ -200,9 +198,9 @@ requests/s at concurrency:
     card = f", {torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     path.write_text(f"""# Serving throughput vs concurrency: {reports[0]["model"]} (tritonserver 2.51, loopback)
 
-`make bench-serve` (scripts/bench_serve.py): request {q["height"]}x{q["width"]}, {q["steps"]} steps, one seed;
+`make bench-serve` (`python -m bench.serve_throughput`): request {q["height"]}x{q["width"]}, {q["steps"]} steps, one seed;
 {platform.machine()} with {reports[0]["cpus"]} cores{card}, torch {torch.__version__}.
-Command: `python {" ".join(sys.argv)}`.
+Command: `python -m bench.serve_throughput {" ".join(sys.argv[1:])}`.
 perf_analyzer (where installed): the 2.51 build from tritonclient 2.51 in `.pa/`, inputs in
 bench/perf_analyzer/, count windows of 12 requests, stability 60 %.
 

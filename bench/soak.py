@@ -9,7 +9,7 @@ SIGTERM, SIGINT, SIGHUP to its process group, or SIGKILL of the launcher (the se
 parent-death signal). After each stop no process, port or /dev/shm region of it may remain. RSS of the
 server tree is sampled throughout.
 
-    .venv/bin/python scripts/soak.py --duration-s 600 --concurrency 8 --out bench/results/soak-cpu.md
+    .venv/bin/python -m bench.soak --duration-s 600 --concurrency 8 --out bench/results/soak/soak-cpu.md   # make soak
 """
 
 from __future__ import annotations
@@ -29,12 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from client import GenerationError, Request, SmartDiffusionClient  # noqa: E402
-from smart_diffusion_backend.wire import FIELDS  # noqa: E402
-from smart_diffusion_backend.serving import (  # noqa: E402
+from client import GenerationError, Request, SmartDiffusionClient
+from smart_diffusion_backend.serving import (
     child_pids,
     free_port,
     mapped_shm_regions,
@@ -43,6 +39,9 @@ from smart_diffusion_backend.serving import (  # noqa: E402
     shm_regions,
     stop_on_signals,
 )
+from smart_diffusion_backend.wire import FIELDS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ROUTES = [("http", "smart_diffusion"), ("grpc", "smart_diffusion"), ("http", "smart_diffusion_ensemble"),
           ("grpc", "smart_diffusion_ensemble"), ("grpc", "stream"), ("http", "stream")]
@@ -290,7 +289,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=len(STOPS), help="server restarts, each stopped differently")
     parser.add_argument("--model", default="shapes-flux")
     parser.add_argument("--system", default="cpu")
-    parser.add_argument("--out", default="", help="markdown summary (e.g. bench/results/soak-cpu.md)")
+    parser.add_argument("--out", default="", help="markdown summary (e.g. bench/results/soak/soak-cpu.md)")
     parser.add_argument("--work-dir", default=str(ROOT / "build" / "soak"))
     args = parser.parse_args()
 
@@ -352,7 +351,7 @@ def write_markdown(path: Path, s: dict, args, passed: bool) -> None:
     table = "\n".join(rows)
     path.write_text(f"""# Soak: {args.model} on CPU, real tritonserver 2.51 (loopback)
 
-`scripts/soak.py --duration-s {args.duration_s:.0f} --concurrency {args.concurrency} --invalid-ratio {args.invalid_ratio} --hostile-ratio {args.hostile_ratio} --rounds {args.rounds}`
+`python -m bench.soak --duration-s {args.duration_s:.0f} --concurrency {args.concurrency} --invalid-ratio {args.invalid_ratio} --hostile-ratio {args.hostile_ratio} --rounds {args.rounds}`
 (`make soak`), system `{args.system}`, on the 2-core development machine. Each round starts
 `scripts/serve.py` in its own session (as `make serve`), warms it, runs the mixed load, then stops it
 the round's way and checks that no process, port or /dev/shm region of it is left within 30 s.

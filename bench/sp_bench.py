@@ -5,11 +5,11 @@ Real-architecture Wan2.1-14B / Flux.1-dev transformers with random weights (timi
 values; see ../shared/probes/gpu_anchor.py), bf16, eager. Runs through our WorkerPool (NCCL, one process per
 GPU), so it also exercises the pool the server uses.
 
-    python bench/sp_bench.py --model wan720 --gpus 1 2 4 --iters 2
-    python bench/sp_bench.py --model flux --gpus 1 2 4 --iters 10 --attention sdpa
-    python bench/sp_bench.py --model tiny-flux --gpus 1 2 --device cpu     # smoke test of the script on CPU
+    python -m bench.sp_bench --model wan720 --gpus 1 2 4 --iters 2
+    python -m bench.sp_bench --model flux --gpus 1 2 4 --iters 10 --attention sdpa
+    python -m bench.sp_bench --model tiny-flux --gpus 1 2 --device cpu     # smoke test of the script on CPU
 
-Prints one JSON line per (gpus, mode) and appends them to --out (default bench/results/sp_<model>.jsonl).
+Prints one JSON line per (gpus, mode) and appends them to --out (default bench/results/sequence-parallel/sp_<model>.jsonl).
 Modes: ``ours`` (1 GPU: our processors + backend, no parallelism), ``ulysses``, ``ring``, ``hybrid``
 (ulysses 2 x ring N/2, N >= 4), ``diffusers`` (1 GPU: eager diffusers; N GPUs: its Ulysses), and
 ``ours+compile`` / ``ulysses+compile`` (regional compile of the repeated blocks as ``compile_transformer``
@@ -34,10 +34,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from smart_diffusion_backend.parallel import ParallelConfig, WorkerContext, WorkerPool  # noqa: E402
-from smart_diffusion_backend.parallel import parallel_state as ps  # noqa: E402
+from smart_diffusion_backend.parallel import ParallelConfig, WorkerContext, WorkerPool
+from smart_diffusion_backend.parallel import parallel_state as ps
 
 WAN14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
               text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
@@ -318,11 +316,12 @@ def main() -> None:
                          "side (self CPU ms of the top ops)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out_path = Path(args.out or Path(__file__).parent / "results" / f"sp_{args.model}.jsonl")
+    out_path = Path(args.out or Path(__file__).parent / "results" / "sequence-parallel" / f"sp_{args.model}.jsonl")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     available = torch.cuda.device_count() if args.device == "cuda" else max(args.gpus)
     meta = dict(
-        command=" ".join([sys.executable] + sys.argv), torch=torch.__version__, python=platform.python_version(),
+        command=" ".join([sys.executable, "-m", "bench.sp_bench"] + sys.argv[1:]), torch=torch.__version__,
+        python=platform.python_version(),
         device=torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else "cpu",
         time=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )

@@ -1,7 +1,7 @@
-"""Markdown tables from bench/sp_bench.py's JSON lines: one table per model and run, time per forward by GPU count
+"""Markdown tables from bench.sp_bench's JSON lines: one table per model and run, time per forward by GPU count
 and mode, speed-ups over the same run's 1-GPU times, and ours vs diffusers at each point.
 
-    python bench/sp_report.py bench/results/sp_flux-h100x2.jsonl [more.jsonl ...] [--out table.md]
+    python -m bench.sp_report bench/results/sequence-parallel/sp_flux-h100x2.jsonl [more.jsonl ...] [--out table.md]
 
 A run is the lines after one header line (sp_bench writes a header per invocation), so every ratio compares
 numbers from the same machine and the same call.
@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from report import emit  # noqa: E402
+from bench.report import emit
 
 _DIFFUSERS = {False: "diffusers", True: "diffusers+compile"}
 

@@ -1,6 +1,6 @@
 """Is Python slower inside Triton's backend stub than in the interpreter? The same micro-benchmarks, both ways.
 
-    .venv/bin/python bench/stub_speed.py [--out bench/results/stub-speed-cpu.md]
+    .venv/bin/python -m bench.stub_speed [--out bench/results/serving/stub-speed-cpu.md]
 
 The Python backend runs model code in `triton_python_backend_stub`, which embeds the shared libpython;
 a distribution's `python3` binary may be linked statically (and built differently). The served stages'
@@ -21,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from smart_diffusion_backend.params import project_root  # noqa: E402
-from report import emit  # noqa: E402 - bench/report.py, beside this script
-from smart_diffusion_backend.serving import TritonServer, free_port  # noqa: E402
+from bench.report import emit
+from smart_diffusion_backend.params import project_root
+from smart_diffusion_backend.serving import TritonServer, free_port
 
 LOOPS = '''
 import statistics
@@ -134,7 +132,7 @@ def main() -> None:
         "",
         f"Machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()} ({sys.executable}), "
         f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
-        "Command: `python bench/stub_speed.py`; medians of 5 runs, ms.",
+        "Command: `python -m bench.stub_speed`; medians of 5 runs, ms.",
         "",
         "| loop | interpreter (before) | stub | interpreter (after) | stub / interpreter |",
         "|---|---|---|---|---|",

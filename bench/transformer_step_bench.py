@@ -7,7 +7,7 @@ frames), random bf16 weights (timing does not depend on weight values), in one r
       MLPs fused and attention outputs quantised by kernels/rowwise_fp8.py) + regional compile  [unless
       --no-fp8-linear]
 
-    python bench/transformer_step_bench.py [--models flux,wan480] [--out path.md] [--compile-baseline]
+    python -m bench.transformer_step_bench [--models flux,wan480] [--out path.md] [--compile-baseline]
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffusers import FluxTransformer2DModel, WanTransformer3DModel  # noqa: E402
+from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
-from smart_diffusion_backend.attention.compile import compile_repeated_blocks, warm_up_compiled  # noqa: E402
-from smart_diffusion_backend.attention.processors import attention_for, install_attention  # noqa: E402
-from smart_diffusion_backend.quant import quantize_linears, use_quantisation_kernel  # noqa: E402
+from smart_diffusion_backend.attention.compile import compile_repeated_blocks, warm_up_compiled
+from smart_diffusion_backend.attention.processors import attention_for, install_attention
+from smart_diffusion_backend.quant import quantize_linears, use_quantisation_kernel
 
 WAN14_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
                     out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
@@ -169,7 +168,7 @@ def bench_model(name: str, build, make_inputs, runs: int, compile_baseline: bool
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_out = Path(os.environ["OUT"]) / "transformer-step.md" if "OUT" in os.environ else \
-        Path(__file__).parent / "results" / "transformer-step.md"
+        Path(__file__).parent / "results" / "transformer-step" / "transformer-step.md"
     parser.add_argument("--models", default="flux")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--compile-baseline", action="store_true")
@@ -189,7 +188,7 @@ def main() -> None:
             raise SystemExit(f"unknown model {model_name!r}; use flux, wan480")
     lines = ["# One transformer forward", "",
              f"- card: {torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__}",
-             f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`", "",
+             f"- command: `python -m bench.transformer_step_bench {' '.join(shlex.quote(a) for a in sys.argv[1:])}`", "",
              "| model | variant | ms / forward | extra |", "|---|---|---|---|"]
     for r in rows:
         extra = {k: v for k, v in r.items() if k not in ("model", "variant", "ms")}

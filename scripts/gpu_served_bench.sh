@@ -53,37 +53,37 @@ for step in "$@"; do
       nvidia-smi -L; python3 -c "import torch, diffusers, transformers, tritonclient.grpc, tritonclient.http; import numpy; print('numpy', numpy.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
       python3 scripts/build_tiny_models.py tiny-flux ;;
     kernels)  # PRECISIONS: bf16,int8 by default (fp8 is known to miss its error bar; add it to re-measure)
-      python3 bench/attention_bench.py --precisions ${PRECISIONS:-bf16,int8} --out "$out/attention-h100.md" ;;
+      python3 -m bench.attention_bench --precisions ${PRECISIONS:-bf16,int8} --out "$out/attention-h100.md" ;;
     profile)  # Nsight Compute on our kernel at 4,224 tokens (whole waves, where it trails cuDNN most), if installed
       ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1 || true)
       if [ -z "$ncu" ]; then echo "no ncu on this machine: skipping the profile"; else
         "$ncu" --set full --import-source yes -k regex:_attn_fwd_hopper -c 1 -f -o "$out/attention-4224" \
-          python3 bench/attention_bench.py --skip-check --precisions bf16 --sizes 4224 --out "$out/attention-4224.md"
+          python3 -m bench.attention_bench --skip-check --precisions bf16 --sizes 4224 --out "$out/attention-4224.md"
         "$ncu" --import "$out/attention-4224.ncu-rep" --page details > "$out/attention-4224-ncu.txt"
         "$ncu" --import "$out/attention-4224.ncu-rep" --page source --csv --print-source sass > "$out/attention-4224-source.csv"
-        python3 bench/ncu_regions.py "$out/attention-4224-source.csv" --out "$out/attention-4224-regions.md"
+        python3 -m bench.ncu_regions "$out/attention-4224-source.csv" --out "$out/attention-4224-regions.md"
       fi ;;
     graphs)
       gpus=$(nvidia-smi -L | wc -l)
-      python3 bench/sp_bench.py --model flux --gpus 1 "$gpus" --iters 5 --warmup 2 --modes ours ours+graph \
+      python3 -m bench.sp_bench --model flux --gpus 1 "$gpus" --iters 5 --warmup 2 --modes ours ours+graph \
         ours+compile ours+compile+graph ulysses ulysses+graph ulysses+compile ulysses+compile+graph \
         --out "$out/sp_flux_graphs.jsonl"
-      python3 bench/sp_report.py "$out"/sp_flux_graphs.jsonl --out "$out/sp-graphs-report.md" ;;
+      python3 -m bench.sp_report "$out"/sp_flux_graphs.jsonl --out "$out/sp-graphs-report.md" ;;
     quant)
-      python3 bench/rowwise_fp8_bench.py --out "$out/rowwise-fp8-h100.md" ;;
+      python3 -m bench.rowwise_fp8_bench --out "$out/rowwise-fp8-h100.md" ;;
     step)
-      python3 bench/transformer_step_bench.py --models ${STEP_MODELS:-flux,wan480} --runs ${REPEATS:-3} --compile-baseline \
+      python3 -m bench.transformer_step_bench --models ${STEP_MODELS:-flux,wan480} --runs ${REPEATS:-3} --compile-baseline \
         --out "$out/transformer-step.md" ;;
     weights)
-      [ -f $weights/model_index.json ] || python3 bench/random_weights.py --out $weights
+      [ -f $weights/model_index.json ] || python3 -m bench.random_weights --out $weights
       mkdir -p weights && ln -sfn $weights weights/FLUX.1-dev ;;
     overhead-1)
-      python3 bench/serve_overhead.py --model flux1-dev --system gpu-1 --height 1024 --width 1024 --steps 28 \
+      python3 -m bench.serve_overhead --model flux1-dev --system gpu-1 --height 1024 --width 1024 --steps 28 \
         --repeats ${REPEATS:-3} --sequential --cycles ${CYCLES:-1} --warmup-s ${WARMUP_S:-0} --ready-timeout 900 \
         --out "$out/serve-overhead-gpu1.md"
       cp build/bench_server.log "$out/server-gpu1.log" ;;
     overhead-2)
-      python3 bench/serve_overhead.py --model flux1-dev --system gpu-2 --height 1024 --width 1024 --steps 28 \
+      python3 -m bench.serve_overhead --model flux1-dev --system gpu-2 --height 1024 --width 1024 --steps 28 \
         --repeats ${REPEATS:-3} --sequential --cycles ${CYCLES:-1} --warmup-s ${WARMUP_S:-0} --ready-timeout 900 \
         --out "$out/serve-overhead-gpu2.md"
       cp build/bench_server.log "$out/server-gpu2.log" ;;
@@ -91,28 +91,28 @@ for step in "$@"; do
       n=${step#overhead-}; n=${n%c}
       sed 's/^compile_transformer:.*//' configs/system/gpu-$n.yaml > /tmp/gpu-$n-compiled.yaml
       echo "compile_transformer: true" >> /tmp/gpu-$n-compiled.yaml
-      python3 bench/serve_overhead.py --model flux1-dev --system /tmp/gpu-$n-compiled.yaml --height 1024 --width 1024 \
+      python3 -m bench.serve_overhead --model flux1-dev --system /tmp/gpu-$n-compiled.yaml --height 1024 --width 1024 \
         --steps 28 --repeats ${REPEATS:-3} --sequential --cycles ${CYCLES:-1} --warmup-s ${WARMUP_S:-0} --ready-timeout 900 \
         --out "$out/serve-overhead-gpu$n-compiled.md"
       cp build/bench_server.log "$out/server-gpu$n-compiled.log" ;;
     throughput-gpu)
-      python3 scripts/bench_serve.py --model flux1-dev --systems gpu-1 --height 1024 --width 1024 --steps 8 \
+      python3 -m bench.serve_throughput --model flux1-dev --systems gpu-1 --height 1024 --width 1024 --steps 8 \
         --requests 4 --concurrency 1,2 --no-perf-analyzer --out "$out/serve-throughput-gpu1.md" ;;
     bls-relay)
-      python3 bench/bls_relay.py --repeats 20 --out "$out/bls-relay-gpu.md"
+      python3 -m bench.bls_relay --repeats 20 --out "$out/bls-relay-gpu.md"
       cp build/bls_relay.log "$out/bls-relay-server.log" ;;
     sp)
       gpus=$(nvidia-smi -L | wc -l); counts=1; [ "$gpus" -ge 2 ] && counts="1 2"; [ "$gpus" -ge 4 ] && counts="1 2 4"
       for model in ${SP_MODEL:-wan720}; do
-        python3 bench/sp_bench.py --model $model --gpus $counts --iters ${REPEATS:-2} --warmup 1 ${SP_PROFILE---profile host} \
+        python3 -m bench.sp_bench --model $model --gpus $counts --iters ${REPEATS:-2} --warmup 1 ${SP_PROFILE---profile host} \
           --modes ${SP_MODES:-ours ours+compile ulysses ulysses+compile ulysses+compile+overlap diffusers diffusers+compile} --out "$out/sp_$model.jsonl"
       done
-      python3 bench/sp_report.py "$out"/sp_*.jsonl --out "$out/sp-report.md" ;;
+      python3 -m bench.sp_report "$out"/sp_*.jsonl --out "$out/sp-report.md" ;;
     stub-speed)
       ldd "$(readlink -f "$(command -v python3)")" | grep -i libpython || echo "python3 links libpython statically"
-      python3 bench/stub_speed.py --out "$out/stub-speed-gpu.md" ;;
+      python3 -m bench.stub_speed --out "$out/stub-speed-gpu.md" ;;
     throughput-cpu)
-      python3 scripts/bench_serve.py --systems cpu-1thread --no-perf-analyzer --out "$out/serve-throughput-cpu-host.md" ;;
+      python3 -m bench.serve_throughput --systems cpu-1thread --no-perf-analyzer --out "$out/serve-throughput-cpu-host.md" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
   [ -z "$smi" ] || kill $smi
