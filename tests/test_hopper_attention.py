@@ -2,7 +2,7 @@
 compile for sm_90 through Triton's own compiler and bundled ptxas.
 
 Gluon has no interpreter, so its numerics are checked on the GPU by bench/attention_bench.py (every check
-row there names the kernel that ran); bench/results/attention-h100.md holds the last run.
+row there names the kernel that ran); bench/results/attention/attention-h100.md holds the last run.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def _kv_loops(sass: str) -> list[list[str]]:
 def test_kv_loop_keeps_everything_in_registers(int8, persistent):
     # A variant whose K/V loop reloaded the shared-memory base from the stack (2 local loads per iteration, after
     # an unrelated change elsewhere in the kernel) ran 2.5 % slower at 4,224 tokens
-    # (bench/results/attention-h100.md): the loop of each consumer partition must not touch local memory.
+    # (bench/results/attention/attention-h100.md): the loop of each consumer partition must not touch local memory.
     sass = compiled_for_sm90(128, qk_int8=int8, persistent=persistent)["sass"]
     loops = _kv_loops(sass)
     assert len(loops) == 2  # one per consumer partition
