@@ -34,7 +34,7 @@ for step in "$@"; do
     weights)
       nvidia-smi -L
       python3 -c "import torch, diffusers, transformers, numpy; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__)"
-      [ -f /tmp/flux1-dev-random/model_index.json ] || python3 bench/random_weights.py --out /tmp/flux1-dev-random --device cuda
+      [ -f /tmp/flux1-dev-random/model_index.json ] || python3 -m bench.random_weights --out /tmp/flux1-dev-random --device cuda
       mkdir -p weights && ln -sfn /tmp/flux1-dev-random weights/FLUX.1-dev ;;
     bench-a)
       $bench --paths diffusers-before,exact,fast-nofp8 --out "$out/fast-path.md"

@@ -5,7 +5,7 @@ quantisation needs each row's absolute maximum, and torch.compile's inductor tur
 reduction kernel that walks every row twice (once for the maximum, once to quantise). This kernel holds one row
 in registers (up to ``MAX_COLUMNS`` columns) and reads it once. The attention output projections' inputs go
 through it too: inductor has nothing to fuse their quantisation with there. Timings: docs/attention.md
-(fp8_linear) and bench/results/rowwise-fp8-h100.md.
+(fp8_linear) and bench/results/quantization/rowwise-fp8-h100.md.
 
 ``rowwise_fp8(x, bias=None, gelu_tanh=False) -> (q, scale)``: ``x`` is 2-D (copied row-major if it is not);
 with ``y = x (+ bias)``, ``GELU_tanh(y)`` when asked, computed in float32, ``scale = max|y| / 448`` per row (at

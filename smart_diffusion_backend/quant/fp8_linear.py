@@ -1,7 +1,7 @@
 """FP8 (e4m3) GEMMs for the transformer blocks' projections and MLPs: the system param ``fp8_linear``.
 
 Why: after our attention kernel, a compiled one-GPU forward is mostly bf16 GEMMs (Flux.1-dev 1024²: 85 of
-136 ms; Wan2.1-14B 480p: ~1.0 of 2.7 s; bench/results/transformer-step-*-h100.md), and Hopper runs e4m3
+136 ms; Wan2.1-14B 480p: ~1.0 of 2.7 s; bench/results/transformer-step/transformer-step-*-h100.md), and Hopper runs e4m3
 tensor-core GEMMs at twice the bf16 rate.
 
 How (the "dynamic, rowwise" scheme of torchao's float8 inference, written on torch's own ``_scaled_mm``):
@@ -121,7 +121,7 @@ def use_quantisation_kernel(module: nn.Module) -> int:
     layer of each GELU MLP (``fuse_gelu_mlps``) and the attention output projections. The other layers keep
     plain torch ops, which inductor fuses with the norm before them. Returns how many layers changed.
 
-    Measured on one H100 (bench/results/rowwise-fp8-h100.md): 0.60 ms against inductor's 1.58 ms at Wan 480p's
+    Measured on one H100 (bench/results/quantization/rowwise-fp8-h100.md): 0.60 ms against inductor's 1.58 ms at Wan 480p's
     MLP (32,760 × 13,824), 0.17 against 0.25 ms at its projection inputs (32,760 × 5,120)."""
     changed = fuse_gelu_mlps(module)
     for name, layer in module.named_modules():
