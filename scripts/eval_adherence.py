@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random", type=int, default=100, help="random dataset captions scored besides the grid")
     p.add_argument("--latency-requests", type=int, default=10)
     p.add_argument("--in-process", action="store_true", help="call the stages directly instead of a server")
-    p.add_argument("--out-md", default=str(ROOT / "bench" / "results" / "adherence-cpu.md"))
+    p.add_argument("--out-md", default=str(ROOT / "bench" / "results" / "training" / "adherence-cpu.md"))
     p.add_argument("--grid-png", default=str(ROOT / "docs" / "assets" / "shapes-grid.png"))
     a = p.parse_args(argv)
     cfg = EvalConfig(model=a.model, system=a.system, random_captions=a.random, latency_requests=a.latency_requests,
