@@ -12,7 +12,7 @@ OPENAI_PORT ?= 8080
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install weights repository demo serve test test-fast clean bench-serve soak
+.PHONY: install weights repository demo serve test test-fast lint clean bench-serve soak
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: weights
 
 test-fast: weights
 	$(PY) -m pytest -q -p no:cacheprovider -m "not server" tests
+
+# ruff, configured in pyproject.toml (pyflakes, pycodestyle errors and warnings, import order)
+lint: install
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf build outputs .triton

@@ -181,7 +181,7 @@ def speed(sizes: list[int], precisions: list[str]) -> list[dict]:
         if "bf16" in precisions:
             results["ours [B,S,H,D] view"] = do_bench(lambda: flash_attention(qi, ki, vi), warmup=50, rep=rep,
                                                        return_mode="median")
-        del qi, ki, vi
+        qi = ki = vi = None  # free the views before the next size
         kernels = _build_kernels(False)
         configs = {name: str(getattr(kernels[key], "best_config", None))  # None: that kernel did not run
                    for name, key in (("bf16", "attn"), ("quant", "attn_quant"))}
@@ -191,7 +191,7 @@ def speed(sizes: list[int], precisions: list[str]) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
         print(json.dumps(dict(S=seq, best_configs=configs)), flush=True)
-        del q, k, v
+        q = k = v = None  # free the inputs before the next size
         torch.cuda.empty_cache()
     return rows
 

@@ -118,7 +118,7 @@ def config(name: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[s
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
         f"input [\n" + ",\n".join(tensor(*i) for i in inputs) + "\n]\n"
-        f"output [\n" + ",\n".join(tensor(*o) for o in outputs) + "\n]\n"
+        "output [\n" + ",\n".join(tensor(*o) for o in outputs) + "\n]\n"
         f"instance_group [ {{ count: 1 kind: {kind} }} ]\n{extra}"
     )
 

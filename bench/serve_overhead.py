@@ -33,8 +33,13 @@ from bench.report import emit  # noqa: E402
 from client import Request, SmartDiffusionClient  # noqa: E402
 from smart_diffusion_backend.params import project_root  # noqa: E402
 from smart_diffusion_backend.repository import write_repository  # noqa: E402
+from smart_diffusion_backend.service import (  # noqa: E402
+    DecoderService,
+    DenoiserService,
+    TextEncoderService,
+    load_params,
+)
 from smart_diffusion_backend.serving import TritonServer, free_port  # noqa: E402
-from smart_diffusion_backend.service import DecoderService, DenoiserService, TextEncoderService, load_params  # noqa: E402
 
 
 class InProcess:

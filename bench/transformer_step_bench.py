@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import triton
-
 from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
 from smart_diffusion_backend.attention.compile import compile_repeated_blocks, warm_up_compiled

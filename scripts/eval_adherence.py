@@ -31,7 +31,14 @@ from PIL import Image  # noqa: E402
 
 from smart_diffusion_backend.params import ModelParams  # noqa: E402
 from smart_diffusion_backend.training.dataset import BACKGROUND, FOREGROUND, SHAPES  # noqa: E402
-from smart_diffusion_backend.training.evaluate import EvalCase, Score, grid_cases, image_grid, random_cases, score  # noqa: E402
+from smart_diffusion_backend.training.evaluate import (  # noqa: E402
+    EvalCase,
+    Score,
+    grid_cases,
+    image_grid,
+    random_cases,
+    score,
+)
 
 LATENCY_PROMPT = "a red circle on a gray background, center"
 
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in ((f"grid: {len(FOREGROUND)} colours × {len(SHAPES)} shapes × {{{', '.join(cfg.backgrounds)}}} × {len(cfg.seeds)} seeds", g),
-                    (f"random dataset captions (sizes, positions, all backgrounds)", r)):
+                    ("random dataset captions (sizes, positions, all backgrounds)", r)):
         lines.append(f"| {name} | {s.n} | {s.rate('color'):.1%} | {s.rate('shape'):.1%} | {s.rate('both'):.1%} | "
                      f"{s.rate('background'):.1%} | {s.rate('position'):.1%} |")
     lines += ["", "Grid cells (colour correct · shape correct, over backgrounds × seeds):", "", *cell_table(g, cfg.backgrounds, len(cfg.seeds))]

@@ -25,6 +25,7 @@ from pathlib import Path
 from .admission import PIPELINE_SLOTS
 from .errors import ConfigError
 from .params import ModelParams, SystemParams, project_root
+from .stage_shapes import StageShapes
 from .wire import (
     CONDITIONING_TENSORS,
     FIELDS,
@@ -35,7 +36,6 @@ from .wire import (
     pixel_output,
     request_field_names,
 )
-from .stage_shapes import StageShapes
 
 # What the committed model_repository/ serves: our trained model on the CPU system config.
 DEFAULT_MODEL, DEFAULT_SYSTEM = "shapes-flux", "cpu"

@@ -204,7 +204,12 @@ def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0) -> Path:
     projections (pooled 16 + 32), T5 (64 wide: the CLIPs' 48 are zero-padded to it), an SD3Transformer2DModel
     whose first block has SD3.5's dual attention and RMS QK-norm (the last block is context_pre_only), the
     16-channel AutoencoderKL with SD3's scaling and shift factors, and SD3.5's flow-matching scheduler."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)

@@ -13,7 +13,6 @@ from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 from diffusers.hooks import HookRegistry
 
 from smart_diffusion_backend.cache import (
-    BLOCK_HOOK,
     HEAD_HOOK,
     TAIL_HOOK,
     CacheConfig,
@@ -22,10 +21,10 @@ from smart_diffusion_backend.cache import (
     validate_model_cache,
 )
 from smart_diffusion_backend.cache.session import _newton
-from smart_diffusion_backend.families.base import Embeddings
 from smart_diffusion_backend.errors import ConfigError
-from smart_diffusion_backend.params import ModelParams, SystemParams, UserParams
+from smart_diffusion_backend.families.base import Embeddings
 from smart_diffusion_backend.parallel import parallel_state as ps
+from smart_diffusion_backend.params import ModelParams, SystemParams, UserParams
 
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 STEPS = 16

@@ -11,7 +11,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 from smart_diffusion_backend.families.flux.attention import FluxPluggableAttnProcessor
 from smart_diffusion_backend.families.wan.attention import WanPluggableAttnProcessor

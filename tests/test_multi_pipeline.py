@@ -10,8 +10,8 @@ import pytest
 
 from client import GenerationError, Request, SmartDiffusionClient
 
-from .reference import flux_reference
 from .conftest import start_server, stop_server_and_check
+from .reference import flux_reference
 from .test_wan import ensure_tiny_wan, wan_reference
 
 pytestmark = pytest.mark.server

@@ -87,7 +87,9 @@ def test_overload_answers_every_request_within_its_deadline(overload_server):
     assert unavailable and any(o == "ok" for o, _ in results), results
     admission_reasons = ("retry later", "refused without running it", "in the queue, past")
     assert all(any(r in o for r in admission_reasons) for o in unavailable), results
-    denoiser_idle = lambda: total(metrics(overload_server), "smart_diffusion_requests_in_flight", model="denoiser") == 0
+    def denoiser_idle() -> bool:
+        return total(metrics(overload_server), "smart_diffusion_requests_in_flight", model="denoiser") == 0
+
     wait_for("the denoiser to be idle", denoiser_idle, timeout_s=10)  # no abandoned work left running
     with SmartDiffusionClient(overload_server.http_url) as client:
         assert client.generate("a cat", seed=1, steps=2).image.shape == (64, 64, 3)

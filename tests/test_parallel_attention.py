@@ -290,7 +290,7 @@ def test_shard_layout_pads_at_the_end():
     from smart_diffusion_backend.parallel.transformer_sp import ShardLayout, shard_layout
 
     lays = [ShardLayout(43, 4, r, 11) for r in range(4)]
-    assert [l.local_len for l in lays] == [11] * 4 and lays[0].kv_len == 43 and lays[3].end == 44
+    assert [layout.local_len for layout in lays] == [11] * 4 and lays[0].kv_len == 43 and lays[3].end == 44
     assert ShardLayout(44, 4, 0, 11).kv_len is None
     group = ps.GroupInfo("sp", None, (0, 1), 1)
     assert shard_layout(45, group).local_len == 23

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from smart_diffusion_backend.families import load_stage
-from smart_diffusion_backend.params import SystemParams
 from smart_diffusion_backend.parallel.vae_decode import PooledDecoder, tile_grid
+from smart_diffusion_backend.params import SystemParams
 
 
 @pytest.fixture(scope="module")

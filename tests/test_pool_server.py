@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from client import GenerationError, Request, SmartDiffusionClient
-
 from smart_diffusion_backend.serving import child_pids
 
 from .conftest import start_server, stop_server_and_check

@@ -140,7 +140,9 @@ def test_grpc_cancel_of_a_plain_request_stops_the_denoiser(ops_server):
     before = cancelled(ops_server)
     client = grpcclient.InferenceServerClient(ops_server.grpc_url)
     try:
-        denoising = lambda: total(metrics(ops_server), "smart_diffusion_requests_in_flight", model="denoiser") > 0
+        def denoising() -> bool:
+            return total(metrics(ops_server), "smart_diffusion_requests_in_flight", model="denoiser") > 0
+
         future = client.async_infer("smart_diffusion", grpc_inputs(SLOW), callback=lambda result, error: None)
         wait_for("the denoise loop to start", denoising)
         time.sleep(0.3)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing as mp
 import os
 import pickle
 import signal
@@ -41,8 +42,6 @@ import weakref
 from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
 from typing import Any, Callable, Sequence
-
-import multiprocessing as mp
 
 from .parallel_state import ParallelConfig
 

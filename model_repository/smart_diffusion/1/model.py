@@ -11,7 +11,6 @@ parameter stops within one denoising step.
 import triton_python_backend_utils as pb_utils
 
 from smart_diffusion_backend import orchestrator
-from smart_diffusion_backend import triton_adapter as adapter
 from smart_diffusion_backend.metrics import ServingMetrics
 
 
