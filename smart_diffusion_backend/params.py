@@ -95,6 +95,7 @@ class ModelParams:
     cache: Mapping[str, Any] = field(default_factory=dict)  # cache-ratio mapping, tuned per model
     # Optional request fields this model takes (wire.py's optional features), and their defaults/limits
     accepts: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()  # of accepts, what every request must carry (INPUT_IMAGE: image-to-video)
     default_strength: float = 0.6  # as diffusers' image-to-image pipelines
     strength: Range = Range(0.0, 1.0)
     num_images: Range = Range(1, 1)
@@ -137,6 +138,7 @@ class ModelParams:
                 frames_multiple=int(limits["frames_multiple"]) if video else None,
                 cache=dict(raw.get("cache", {})),
                 accepts=_accepts(raw.get("accepts", []), path),
+                requires=_requires(raw.get("requires", []), raw.get("accepts", []), path),
                 default_strength=float(defaults.get("strength", 0.6)),
                 strength=_range(limits.get("strength", [0.0, 1.0])),
                 num_images=_range(limits.get("num_images", [1, 1])),
@@ -163,6 +165,20 @@ def _accepts(names: Any, path: Path) -> tuple[str, ...]:
         missing = [n for n in _NEEDS.get(name, ()) if n not in names]
         if missing:
             raise ConfigError(f"{path}: accepts: {name} needs {missing} too")
+    return names
+
+
+# Optional request fields a model yaml may make required (`requires:`): a model that generates from an image.
+_REQUIRABLE = ("INPUT_IMAGE",)
+
+
+def _requires(names: Any, accepts: Any, path: Path) -> tuple[str, ...]:
+    names = tuple(str(n) for n in names)
+    for name in names:
+        if name not in _REQUIRABLE:
+            raise ConfigError(f"{path}: requires: {name!r} cannot be required; allowed: {list(_REQUIRABLE)}")
+        if name not in [str(n) for n in accepts]:
+            raise ConfigError(f"{path}: requires: {name} must be in accepts: too")
     return names
 
 
@@ -372,6 +388,13 @@ def parse_user_params(
     max_bytes = 4 * model.max_prompt_chars  # UTF-8 takes at most 4 bytes per character
     got = {FIELDS[n].attr: _scalar(n, v, FIELDS[n].kind, max_bytes) for n, v in values.items() if FIELDS[n].scalar}
     features = _optional_features(values, got, model, had_input_image)
+    # A model that generates from an image refuses a request without one. Checked where the request's fields
+    # are (entry models, the encoder) and by the denoiser (from the conditioning); not for a load-time warm-up.
+    if "INPUT_IMAGE" in model.requires and (require_prompt or had_input_image is not None):
+        if features["input_image"] is None and not had_input_image:
+            raise ParamError(
+                "INPUT_IMAGE", f"is required by model {model.name!r}: it generates from an input image (UINT8 [H, W, 3])"
+            )
 
     prompt = got.get("prompt")
     if prompt is None:

@@ -199,6 +199,68 @@ def build_tiny_wan(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny_wan_i2v(out_dir: str | Path, *, seed: int = 2) -> Path:
+    """A tiny WanImageToVideoPipeline (Wan2.1-I2V layout) with random weights: tiny-wan's UMT5, VAE and
+    scheduler, a CLIPVisionModel image encoder (32 px, 8 px patches: 17 tokens, 32 wide) with its
+    CLIPImageProcessor (Wan2.1-I2V's OpenAI-CLIP normalisation, at 32 px), and a WanTransformer3D taking
+    36 channels (16 noise + 4 first-frame mask + 16 condition latents) whose cross-attention also attends
+    to the image embeddings (image_dim = CLIP's width, added_kv_proj_dim = the transformer's)."""
+    import json
+
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(**_tiny_t5_config(tokenizer)))
+    image_encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+            patch_size=8, projection_dim=32,
+        )
+    )
+    image_processor = CLIPImageProcessor(  # Wan2.1-I2V's processor (bicubic, centre crop), at 32 px
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=36,  # noise (16) + mask (4) + condition latents (16)
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        image_dim=32,  # the CLIP's hidden size
+        added_kv_proj_dim=32,  # the transformer's width (heads x head dim), as Wan2.1-I2V's 5120
+        rope_max_seq_len=256,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    scheduler = UniPCMultistepScheduler(  # Wan2.1-I2V-480P's (flow-matching UniPC, shift 3.0)
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000,
+        solver_order=2, solver_type="bh2", lower_order_final=True, final_sigmas_type="zero",
+    )
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, image_processor=image_processor,
+        image_encoder=image_encoder, transformer=transformer,
+    )
+    out = Path(out_dir)
+    pipe.save_pretrained(out)
+    # Without torchvision transformers builds CLIPImageProcessor as CLIPImageProcessorPil, and save_pretrained
+    # names that class; name CLIPImageProcessor as Wan2.1-I2V's directories do (loading it gives the same).
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["image_processor"] = ["transformers", "CLIPImageProcessor"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out
+
+
 def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0) -> Path:
     """A tiny StableDiffusion3Pipeline with random weights, laid out as SD3.5-medium: CLIP-L and CLIP-G with
     projections (pooled 16 + 32), T5 (64 wide: the CLIPs' 48 are zero-padded to it), an SD3Transformer2DModel
@@ -285,3 +347,4 @@ def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0) -> Path:
 TINY_BUILDERS = {"tiny-flux": build_tiny_flux, "tiny-wan": build_tiny_wan}
 TINY_BUILDERS["tiny-flux-kontext"] = build_tiny_flux_kontext
 TINY_BUILDERS["tiny-sd3"] = build_tiny_sd3
+TINY_BUILDERS["tiny-wan-i2v"] = build_tiny_wan_i2v

@@ -98,9 +98,10 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
 FIELDS: dict[str, RequestField] = {f.name: f for f in REQUEST_FIELDS}
 TEXT_INPUTS = ("PROMPT", "NEGATIVE_PROMPT")
 # What the encoder stage takes besides the texts when a model accepts image conditioning: the images, and
-# the size and seed (the image is resized to the request's size; VAE sampling draws from the seed).
+# the size, the frame count (video models: an image-to-video condition spans the video) and the seed (the
+# image is resized to the request's size; VAE sampling draws from the seed).
 IMAGE_INPUTS = ("INPUT_IMAGE", "MASK_IMAGE")
-ENCODER_PARAM_INPUTS = ("HEIGHT", "WIDTH", "SEED")
+ENCODER_PARAM_INPUTS = ("HEIGHT", "WIDTH", "NUM_FRAMES", "SEED")
 
 # Tensors between the stages and out of the pipeline (dims are per model: repository.py, stage_shapes.py)
 EMBEDDING_TENSORS = ("PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS")

@@ -1,16 +1,70 @@
-"""The Wan family as the library sees it (torch-free): WanPipeline-compatible directories."""
+"""The Wan family as the library sees it (torch-free): WanPipeline (text-to-video) and WanImageToVideoPipeline
+(image-to-video) directories."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from ...errors import ConfigError
 from ..spec import Family, Gather, SequencePlan, Split, WireDims, call_argument, read_config
 
 # AutoencoderKLWan.__init__ defaults, for vae configs written before these keys existed
 DEFAULT_SCALE_TEMPORAL, DEFAULT_SCALE_SPATIAL = 4, 8
 # Text context length that diffusers' Wan hard-codes to split I2V's [image ; text] context.
 TEXT_CONTEXT_LENGTH = 512
+
+
+# Directories whose INPUT_IMAGE is the video's first frame (model_index.json's _class_name).
+IMAGE_TO_VIDEO_PIPELINES = ("WanImageToVideoPipeline",)
+
+
+def pipeline_index(weights: Path) -> dict[str, Any]:
+    """A diffusers directory's model_index.json (ConfigError if unreadable)."""
+    path = Path(weights) / "model_index.json"
+    try:
+        index = json.loads(path.read_text())
+        str(index["_class_name"])
+        return index
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read the pipeline class from {path}: {exc!r}") from exc
+
+
+def image_to_video(model: Any, system: Any = None) -> bool:
+    """Whether a ModelParams' weights are an image-to-video directory, its yaml checked against them: an I2V
+    model accepts and requires INPUT_IMAGE (its first frame) and nothing that re-noises an image, and reads
+    512 text tokens (diffusers' Wan attention splits the [image ; text] context 512 tokens from the end); a
+    text-to-video model takes no image. With `system` (SystemParams): an I2V model runs on one rank, as the
+    worker pool's jobs carry the text embeddings only, so every request would be refused. ConfigError at
+    load otherwise."""
+    index = pipeline_index(model.weights)
+    cls = index["_class_name"]
+    if cls not in IMAGE_TO_VIDEO_PIPELINES:
+        if model.takes("INPUT_IMAGE"):
+            raise ConfigError(f"model {model.name!r}: a {cls} makes videos from text alone; accepts: INPUT_IMAGE "
+                              f"needs an image-to-video directory ({', '.join(IMAGE_TO_VIDEO_PIPELINES)})")
+        return False
+    problems = []
+    if not (model.takes("INPUT_IMAGE") and "INPUT_IMAGE" in model.requires):
+        problems.append("accepts: and requires: must list INPUT_IMAGE (the first frame; it has no text-only mode)")
+    extra = [n for n in ("STRENGTH", "MASK_IMAGE", "NUM_IMAGES") if model.takes(n)]
+    if extra:
+        problems.append(f"accepts: {extra} has no meaning for it")
+    if index.get("expand_timesteps"):
+        problems.append("expand_timesteps (Wan2.2 TI2V's first-frame timestep mask) is not supported yet")
+    if read_config(model.weights, "transformer").get("added_kv_proj_dim") and model.max_sequence_length != TEXT_CONTEXT_LENGTH:
+        problems.append(f"max_sequence_length must be {TEXT_CONTEXT_LENGTH} (its attention splits the image context "
+                        f"from the text {TEXT_CONTEXT_LENGTH} tokens from the end), got {model.max_sequence_length}")
+    if system is not None and system.world_size > 1:
+        problems.append(
+            f"image-to-video is not supported yet by a denoiser running on several ranks (system {system.name!r}: "
+            f"ulysses {system.ulysses_degree} x ring {system.ring_degree} x cfg {system.cfg_degree}); serve it "
+            "with a one-rank system yaml"
+        )
+    if problems:
+        raise ConfigError(f"model {model.name!r} ({cls}): " + "; ".join(problems))
+    return True
 
 
 def wire_dims(weights: Path) -> WireDims:

@@ -1,8 +1,17 @@
-"""The Wan family's stages (WanPipeline-compatible directories: Wan2.1-T2V-1.3B / 14B, Wan2.2 T2V, tiny-wan).
+"""The Wan family's stages (WanPipeline-compatible directories: Wan2.1-T2V-1.3B / 14B, Wan2.2 T2V, tiny-wan;
+WanImageToVideoPipeline directories: Wan2.1-I2V-14B, tiny-wan-i2v).
 
 Each stage reuses diffusers' own code (WanPipeline.encode_prompt, the scheduler named in the
 directory, AutoencoderKLWan's latents_mean/std, VaeImageProcessor's rounding) so the split pipeline
 is bit-exact with `WanPipeline.__call__(..., generator=torch.Generator("cpu").manual_seed(seed))`.
+
+Image-to-video (WanImageToVideoPipeline, INPUT_IMAGE = the first frame): the encoder stage also runs the
+pipeline's encode_image (the CLIP image encoder's penultimate hidden states -> IMAGE_EMBEDS) and its
+prepare_latents' conditioning (the first frame resized to HEIGHT x WIDTH, padded with NUM_FRAMES - 1 zero
+frames, VAE-encoded to the distribution's mode and normalised -> IMAGE_LATENTS; the first-frame mask ->
+MASK_LATENTS). The denoiser concatenates noise, mask and latents on the channel axis and passes the image
+embeddings to both CFG branches, as the pipeline does. Random numbers: the pipeline draws only the noise
+(the VAE encoding takes the mode), so the denoiser's noise is text-to-video's.
 
 Guidance is true classifier-free guidance, two transformer passes per step as diffusers does it
 (`do_classifier_free_guidance = guidance_scale > 1`), the negative prompt defaulting to "".
@@ -18,24 +27,53 @@ import contextlib
 import diffusers
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, DiffusionPipeline, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    DiffusionPipeline,
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from ...cache import CacheConfig
 from ...errors import ParamError
 from ...params import UserParams
 from ..base import DecoderStage, DenoiserStage, Embeddings, StepCallback, TextEncoderStage, to_uint8
-from .spec import DEFAULT_SCALE_SPATIAL, DEFAULT_SCALE_TEMPORAL, FAMILY
+from ..spec import read_config
+from .spec import DEFAULT_SCALE_SPATIAL, DEFAULT_SCALE_TEMPORAL, FAMILY, image_to_video
 
 
 class WanTextEncoder(TextEncoderStage):
+    """The text encoder and, for image-to-video models, the CLIP image encoder and the VAE's encoder
+    (encode_conditioning)."""
+
     def __init__(self, model, system):
         super().__init__(model, system)
-        # A pipeline holding only the text side: encode_prompt (prompt_clean, padding to
-        # max_sequence_length with zeros past each prompt's length) is then diffusers' own code.
-        self.pipe = WanPipeline.from_pretrained(
-            model.weights, transformer=None, transformer_2=None, vae=None, dtype=self.dtype
-        ).to(self.device)
+        self.image_to_video = image_to_video(model, system)
+        self.image_pipe: WanImageToVideoPipeline | None = None
+        if self.image_to_video:
+            # The whole pipeline but its transformers: encode_image and prepare_latents' image conditioning
+            # are then diffusers' own code.
+            self.image_pipe = WanImageToVideoPipeline.from_pretrained(
+                model.weights, transformer=None, transformer_2=None, dtype=self.dtype
+            ).to(self.device)
+            self.image_pipe.set_progress_bar_config(disable=True)
+            # Wan2.1 I2V transformers take image embeddings (image_dim); Wan2.2's have no image encoder.
+            self.image_dim = read_config(model.weights, "transformer").get("image_dim")
+            # Its text side through WanPipeline's encode_prompt, the same code ("Copied from"), whose
+            # prompt_clean calls ftfy only where it is installed; diffusers 0.42.1's I2V module calls it
+            # unconditionally (a NameError without ftfy). With ftfy installed the two are the same.
+            text = self.image_pipe
+            self.pipe = WanPipeline(tokenizer=text.tokenizer, text_encoder=text.text_encoder, vae=None,
+                                    scheduler=text.scheduler, transformer=None)
+        else:
+            # A pipeline holding only the text side: encode_prompt (prompt_clean, padding to
+            # max_sequence_length with zeros past each prompt's length) is then diffusers' own code.
+            self.pipe = WanPipeline.from_pretrained(
+                model.weights, transformer=None, transformer_2=None, vae=None, dtype=self.dtype
+            ).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
 
     @torch.inference_mode()
@@ -52,6 +90,36 @@ class WanTextEncoder(TextEncoderStage):
         embeds = torch.cat([prompt_embeds, negative_embeds])  # [2, S, D]: prompt, negative prompt
         return Embeddings(prompt_embeds=embeds, pooled_prompt_embeds=embeds.new_zeros(embeds.shape[0], 0))
 
+    @torch.inference_mode()
+    def encode_conditioning(self, params: UserParams) -> dict[str, torch.Tensor]:
+        """INPUT_IMAGE (the first frame) -> IMAGE_EMBEDS [1, L, image_dim] (CLIP's penultimate hidden states),
+        IMAGE_LATENTS [1, C, F', H/8, W/8] (the normalised VAE mode of the first frame followed by NUM_FRAMES - 1
+        zero frames) and MASK_LATENTS [1, 4, F', H/8, W/8] (1 on the first frame), as
+        WanImageToVideoPipeline.encode_image and prepare_latents compute them."""
+        if not self.image_to_video:
+            return super().encode_conditioning(params)
+        pipe = self.image_pipe
+        image = Image.fromarray(params.input_image)  # what a caller of the pipeline passes
+        conditioning = {}
+        if self.image_dim is not None:
+            conditioning["IMAGE_EMBEDS"] = pipe.encode_image(image, self.device)
+        pixels = pipe.video_processor.preprocess(image, height=params.height, width=params.width)
+        pixels = pixels.to(self.device, dtype=torch.float32)
+        channels = pipe.vae.config.z_dim
+        latent_frames = (params.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        scale = pipe.vae_scale_factor_spatial
+        shape = (1, channels, latent_frames, params.height // scale, params.width // scale)
+        # prepare_latents draws its noise unless given latents: a placeholder (the denoiser draws the noise)
+        # leaves the generator out, and its VAE encoding takes the distribution's mode (no draw either).
+        _, condition = pipe.prepare_latents(
+            pixels, 1, channels, params.height, params.width, params.num_frames, torch.float32, self.device,
+            generator=None, latents=torch.zeros(shape),
+        )
+        mask_channels = pipe.vae_scale_factor_temporal  # condition = [mask ; latents] on the channel axis
+        conditioning["MASK_LATENTS"] = condition[:, :mask_channels]
+        conditioning["IMAGE_LATENTS"] = condition[:, mask_channels:]
+        return conditioning
+
 
 class WanDenoiser(DenoiserStage):
     family = FAMILY
@@ -65,6 +133,7 @@ class WanDenoiser(DenoiserStage):
     ):
         super().__init__(model, system)
         index = DiffusionPipeline.load_config(model.weights)  # model_index.json
+        self.image_to_video = image_to_video(model, system)  # the yaml checked against the weights first
         self.transformer = transformer or self._load_transformer("transformer")
         self.transformer.eval()
         # Wan2.2 A14B: a low-noise expert below boundary_ratio * num_train_timesteps.
@@ -74,6 +143,7 @@ class WanDenoiser(DenoiserStage):
         if self.transformer_2 is not None:
             self.transformer_2.eval()
         self.expand_timesteps = bool(index.get("expand_timesteps", False))
+        self._warming_up = False
 
         # The scheduler class the directory names (UniPC for Wan2.1, FlowMatchEuler in some ports).
         self.scheduler_class = getattr(diffusers, index["scheduler"][1])
@@ -81,7 +151,9 @@ class WanDenoiser(DenoiserStage):
         vae_config = AutoencoderKLWan.load_config(model.weights, subfolder="vae")
         self.vae_scale_factor_temporal = vae_config.get("scale_factor_temporal", DEFAULT_SCALE_TEMPORAL)
         self.vae_scale_factor_spatial = vae_config.get("scale_factor_spatial", DEFAULT_SCALE_SPATIAL)
-        self.num_channels_latents = self.transformer.config.in_channels
+        # The noise's channels: the transformer's input for text-to-video; the VAE's latents for image-to-video,
+        # whose transformer also takes the mask and the condition latents (as each pipeline).
+        self.num_channels_latents = vae_config["z_dim"] if self.image_to_video else self.transformer.config.in_channels
         patch = self.transformer.config.patch_size
         self.size_multiple = (self.vae_scale_factor_spatial * patch[1], self.vae_scale_factor_spatial * patch[2])
         self.prepare_transformers()
@@ -98,6 +170,65 @@ class WanDenoiser(DenoiserStage):
         return WanTransformer3DModel.from_pretrained(self.model.weights, subfolder=subfolder, dtype=self.dtype).to(
             self.device
         )
+
+    def warm_up(self) -> float:
+        """Image-to-video: the load-time warm-up has no image; it runs on zero conditioning of each size's shapes."""
+        self._warming_up = True
+        try:
+            return super().warm_up()
+        finally:
+            self._warming_up = False
+
+    def image_conditioning(
+        self, embeddings: Embeddings, params: UserParams
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(condition [1, 4 + C, F', h, w] float32, image embeddings or None) of an image-to-video request, its
+        tensors' shapes checked against the request; (None, None) for text-to-video."""
+        names = ("image_latents", "mask_latents", "image_embeds")
+        if not self.image_to_video:
+            sent = [n.upper() for n in names if getattr(embeddings, n) is not None]
+            if sent:
+                raise ParamError(sent[0], f"model {self.model.name!r} takes no image conditioning")
+            return None, None
+        _, channels, frames, height, width = self.latent_shape(params)
+        mask_channels = self.vae_scale_factor_temporal
+        image_dim = self.transformer.config.image_dim
+        if self._warming_up and embeddings.image_latents is None:
+            embeddings = Embeddings(
+                embeddings.prompt_embeds, embeddings.pooled_prompt_embeds,
+                image_latents=torch.zeros(1, channels, frames, height, width),
+                mask_latents=torch.zeros(1, mask_channels, frames, height, width),
+                image_embeds=None if image_dim is None else torch.zeros(1, self.image_tokens(), image_dim),
+            )
+        if embeddings.image_latents is None or embeddings.mask_latents is None:
+            # A request without its first frame (or whose conditioning did not arrive): never denoised from text.
+            raise ParamError("INPUT_IMAGE", f"is required by model {self.model.name!r}: it generates from an input "
+                             "image (the encoder's IMAGE_LATENTS and MASK_LATENTS did not arrive)")
+        expected = {
+            "IMAGE_LATENTS": (embeddings.image_latents, (1, channels, frames, height, width)),
+            "MASK_LATENTS": (embeddings.mask_latents, (1, mask_channels, frames, height, width)),
+        }
+        for name, (tensor, shape) in expected.items():
+            if tuple(tensor.shape) != shape:
+                raise ParamError(name, f"shape {list(tensor.shape)}; expected {list(shape)} for this request")
+        image_embeds = embeddings.image_embeds
+        if image_dim is None and image_embeds is not None:
+            raise ParamError("IMAGE_EMBEDS", f"model {self.model.name!r} takes no image embeddings")
+        if image_dim is not None:
+            ok = image_embeds is not None and image_embeds.ndim == 3 and image_embeds.shape[0] == 1
+            if not ok or image_embeds.shape[1] < 1 or image_embeds.shape[2] != image_dim:
+                got = "none" if image_embeds is None else f"shape {list(image_embeds.shape)}"
+                raise ParamError("IMAGE_EMBEDS", f"{got}; expected [1, tokens, {image_dim}] for this model")
+            image_embeds = image_embeds.to(self.device, self.transformer.dtype)  # as the pipeline, both branches
+        # WanImageToVideoPipeline.prepare_latents' condition: [mask ; latents] on the channel axis, float32.
+        mask = embeddings.mask_latents.to(self.device, torch.float32)
+        condition = torch.cat([mask, embeddings.image_latents.to(self.device, torch.float32)], dim=1)
+        return condition, image_embeds
+
+    def image_tokens(self) -> int:
+        """Tokens of the CLIP image encoder's hidden states (patches + class token), for the warm-up's zeros."""
+        config = read_config(self.model.weights, "image_encoder")
+        return (int(config["image_size"]) // int(config["patch_size"])) ** 2 + 1
 
     def check(self, params: UserParams) -> None:
         """What WanPipeline would silently round, refused instead (the model yaml should prevent it)."""
@@ -159,6 +290,10 @@ class WanDenoiser(DenoiserStage):
         scheduler = self.make_scheduler(params.steps)
         timesteps = scheduler.timesteps
 
+        # Image-to-video: the first frame's condition and image embeddings (None, None for text-to-video)
+        condition, image_embeds = self.image_conditioning(embeddings, params)
+        image_kwargs = {} if image_embeds is None else {"encoder_hidden_states_image": image_embeds}
+
         # 5. Initial noise, float32 whatever the transformer's dtype (as the pipeline)
         latents = self.prepare_latents(params)
         mask = torch.ones(latents.shape, dtype=torch.float32, device=self.device)
@@ -181,7 +316,10 @@ class WanDenoiser(DenoiserStage):
                 # Wan2.1, or Wan2.2's high-noise stage (guidance_scale_2 = guidance_scale, the pipeline's default)
                 high_noise = boundary_timestep is None or t >= boundary_timestep
                 model, cache = (self.transformer, caches[0]) if high_noise else (self.transformer_2, caches[1])
-                latent_model_input = latents.to(transformer_dtype)
+                if condition is None:
+                    latent_model_input = latents.to(transformer_dtype)
+                else:  # WanImageToVideoPipeline: noise, mask, condition latents on the channel axis
+                    latent_model_input = torch.cat([latents, condition], dim=1).to(transformer_dtype)
                 if self.expand_timesteps:
                     # [1, F' * H'/2 * W'/2]: one timestep per patch token
                     timestep = (mask[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0).expand(latents.shape[0], -1)
@@ -198,6 +336,7 @@ class WanDenoiser(DenoiserStage):
                             timestep=timestep,
                             encoder_hidden_states=encoder_hidden_states,
                             attention_kwargs=None,
+                            **image_kwargs,
                             return_dict=False,
                         )[0]
 
