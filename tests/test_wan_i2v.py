@@ -296,3 +296,27 @@ def test_served_without_input_image_is_invalid_arg_naming_it(i2v_server):
         assert "INPUT_IMAGE: is required by model 'tiny-wan-i2v'" in str(err.value), (model, str(err.value))
     with client_for(i2v_server, "http") as client:  # serving goes on
         assert client.infer(Request(prompt="a cat", seed=1, steps=1, input_image=IMAGE)).pixels.shape == (9, 64, 64, 3)
+
+
+@pytest.mark.server
+def test_cli_with_image_writes_the_video(i2v_server, expected, tmp_path):
+    """The docs' CLI: --image (a PNG: lossless, the same uint8 array) with --num-frames, streamed over gRPC,
+    written as .mp4 (lossy: shape and closeness only; the served pixels are checked exactly above)."""
+    import json
+
+    import imageio.v3 as iio
+
+    Image.fromarray(IMAGE).save(tmp_path / "in.png")
+    out = tmp_path / "video.mp4"
+    args = [
+        sys.executable, "-m", "client", "generate", "--prompt", CASE["prompt"], "--image", str(tmp_path / "in.png"),
+        "--height", "64", "--width", "48", "--num-frames", "5", "--steps", "3", "--guidance-scale", "5",
+        "--seed", "42", "--url", i2v_server.grpc_url, "--protocol", "grpc", "--stream", "--out", str(out),
+    ]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert printed["shape"] == [5, 64, 48, 3] and printed["seed"] == 42
+    frames = iio.imread(out, index=None)
+    assert frames.shape[:3] == (5, 64, 48), frames.shape
+    assert np.abs(frames[..., :3].astype(int) - expected.astype(int)).mean() < 40
