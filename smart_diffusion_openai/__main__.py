@@ -27,10 +27,22 @@ def main(argv: list[str] | None = None) -> None:
         default=defaults.shutdown_timeout_s,
         help="on SIGTERM, how long requests in flight may still finish",
     )
+    parser.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=defaults.max_upload_bytes,
+        help="the largest /v1/images/edits body (multipart, images included); larger: 413",
+    )
+    parser.add_argument(
+        "--max-input-pixels",
+        type=int,
+        default=defaults.max_input_pixels,
+        help="the most pixels an uploaded image or mask may have; checked before it is decoded",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    if args.max_n < 1 or args.timeout_s <= 0:
-        parser.error("--max-n must be >= 1 and --timeout-s > 0")
+    if args.max_n < 1 or args.timeout_s <= 0 or args.max_upload_bytes < 1 or args.max_input_pixels < 1:
+        parser.error("--max-n, --max-upload-bytes and --max-input-pixels must be >= 1 and --timeout-s > 0")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(
         FacadeConfig(
@@ -40,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
             max_n=args.max_n,
             timeout_s=args.timeout_s,
             shutdown_timeout_s=args.shutdown_timeout_s,
+            max_upload_bytes=args.max_upload_bytes,
+            max_input_pixels=args.max_input_pixels,
         )
     )
 

@@ -1,6 +1,7 @@
 """The aiohttp application: OpenAI's images API in front of tritonserver.
 
     POST /v1/images/generations   JSON (stream: true -> server-sent events)
+    POST /v1/images/edits         multipart/form-data: image (+ mask) and the same fields (stream too)
     GET  /v1/models, /v1/models/{id}
     GET  /health                  200 when tritonserver is ready, else 503
     GET  /health/live             200 while this process serves
@@ -24,13 +25,15 @@ from aiohttp import web
 
 from .encode import png_b64
 from .errors import ApiError, bad_request
-from .params import GenerationJob, parse_generation
+from .params import GenerationJob, auto_sizes, parse_edit, parse_generation, with_images
 from .triton import Generated, Pipeline, Progress, TritonGateway, generate_images, stream_images
+from .uploads import decode_edit, read_form
 
 logger = logging.getLogger("smart_diffusion_openai")
 
 PROGRESS_EVENT = "smart_diffusion.progress"  # ours: OpenAI has no step-progress event (see docs/openai.md)
-COMPLETED_EVENT = "image_generation.completed"  # OpenAI's
+COMPLETED_EVENT = "image_generation.completed"  # OpenAI's, for generations
+EDIT_COMPLETED_EVENT = "image_edit.completed"  # OpenAI's, for edits
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,14 @@ class FacadeConfig:
     max_n: int = 4  # most images one request may ask for
     timeout_s: float = 600.0  # each Triton request's `timeout`: the server refuses or stops work past it
     shutdown_timeout_s: float = 10.0  # on SIGTERM, how long requests in flight may still finish
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 1 << 20  # a JSON body (generations)
+    max_upload_bytes: int = 50 << 20  # an edit's multipart body, images included (OpenAI allows 50 MB an image)
+    max_input_pixels: int = 4096 * 4096  # an uploaded image's or mask's pixels, checked before decoding
 
 
 CONFIG = web.AppKey("config", FacadeConfig)
 GATEWAY = web.AppKey("gateway", TritonGateway)
+GATEWAY_CLASS = web.AppKey("gateway_class", type)
 STARTED = web.AppKey("started", int)
 
 
@@ -83,17 +89,20 @@ async def openai_errors(
 async def _gateway(app: web.Application) -> AsyncIterator[None]:
     """The gRPC client lives on the server's event loop: made at start-up, closed at clean-up."""
     config = app[CONFIG]
-    app[GATEWAY] = TritonGateway(config.triton_grpc, config.timeout_s)
+    app[GATEWAY] = app[GATEWAY_CLASS](config.triton_grpc, config.timeout_s)
     yield
     await app[GATEWAY].close()
 
 
-def create_app(config: FacadeConfig) -> web.Application:
+def create_app(config: FacadeConfig, gateway_class: type[TritonGateway] = TritonGateway) -> web.Application:
+    """The application; `gateway_class` lets a test serve fixed pipelines (a subclass) without Triton."""
     app = web.Application(middlewares=[openai_errors], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
+    app[GATEWAY_CLASS] = gateway_class
     app[STARTED] = int(time.time())
     app.cleanup_ctx.append(_gateway)
     app.router.add_post("/v1/images/generations", generations)
+    app.router.add_post("/v1/images/edits", edits)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/health", health)
@@ -143,24 +152,77 @@ async def generations(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     pipeline = await gateway.pipeline(job.model)
     pipeline.check(job)
-    if job.stream:
-        return await _stream(request, gateway, pipeline, job)
-    images = await generate_images(gateway, pipeline, job)
-    encoded = await asyncio.gather(*(_b64(image) for image in images))
-    return web.json_response(
-        {
-            "created": int(time.time()),
-            "data": [
-                {"b64_json": b64, "revised_prompt": None, "smart_diffusion": _ours(image)}
-                for image, b64 in zip(images, encoded)
-            ],
-            "output_format": "png",
-            "size": _size(images[0].stats),
-        }
-    )
+    return await _answer(request, gateway, pipeline, [job], COMPLETED_EVENT)
 
 
-async def _event(item: Progress | Generated) -> dict[str, Any]:
+async def edits(request: web.Request) -> web.StreamResponse:
+    """An image (+ mask) and a prompt: image-to-image, inpainting, or editing on a Kontext model, as the
+    model's weights make it (docs/image-conditioning.md). Cheap checks first (fields, the model takes an
+    image), then the images are decoded off the event loop."""
+    config = request.app[CONFIG]
+    form = await read_form(request, config.max_upload_bytes)
+    try:
+        upload, mask_upload = form.image(), form.mask()
+        job = parse_edit(form.texts, config.max_n)
+        gateway = request.app[GATEWAY]
+        pipeline = await gateway.pipeline(job.model)
+        if "INPUT_IMAGE" not in pipeline.inputs:
+            takers = [p.id for p in await gateway.pipelines() if "INPUT_IMAGE" in p.inputs]
+            raise bad_request(
+                "image",
+                f"image: model {pipeline.id!r} takes no input image (its yaml's `accepts:` lists no INPUT_IMAGE), "
+                f"so it cannot edit; served models that can: {', '.join(takers) or 'none'}",
+                code="unsupported_value",
+            )
+        image, mask = await asyncio.get_running_loop().run_in_executor(
+            None, decode_edit, upload, mask_upload, config.max_input_pixels
+        )
+    finally:
+        form.close()
+    job = with_images(job, image, mask)
+    pipeline.check(job)  # a mask or strength the model takes no input for (Kontext) -> 400 naming it
+    jobs = [job] if job.request.height is not None else auto_sizes(job, image.shape)
+    return await _answer(request, gateway, pipeline, jobs, EDIT_COMPLETED_EVENT)
+
+
+async def _answer(
+    request: web.Request, gateway: TritonGateway, pipeline: Pipeline, jobs: list[GenerationJob], completed: str
+) -> web.StreamResponse:
+    """The first of `jobs` whose size the server takes, answered as JSON or (stream) as server-sent events.
+    A later job is a fallback, tried only when the server refused the one before with a 400 on `size`: an
+    edit without `size` tries the image's own size, then the model's default (params.auto_sizes). The
+    server refuses a size while parsing the request, before any work, so a fallback costs milliseconds."""
+    for attempt, job in enumerate(jobs, 1):
+        try:
+            if job.stream:
+                return await _stream(request, gateway, pipeline, job, completed)
+            images = await generate_images(gateway, pipeline, job)
+        except ApiError as exc:
+            if attempt == len(jobs) or exc.status != 400 or exc.param != "size":
+                raise
+            logger.info("%s: %s; trying %s", request.path, exc.message, _job_size(jobs[attempt]))
+            continue
+        encoded = await asyncio.gather(*(_b64(image) for image in images))
+        return web.json_response(
+            {
+                "created": int(time.time()),
+                "data": [
+                    {"b64_json": b64, "revised_prompt": None, "smart_diffusion": _ours(image)}
+                    for image, b64 in zip(images, encoded)
+                ],
+                "output_format": "png",
+                "size": _size(images[0].stats),
+            }
+        )
+    raise AssertionError("unreachable: the last job's failure is raised")
+
+
+def _job_size(job: GenerationJob) -> str:
+    height, width = job.request.height, job.request.width
+    return "the model's default size" if height is None else f"{width}x{height}"
+
+
+async def _event(item: Progress | Generated, completed: str = COMPLETED_EVENT) -> dict[str, Any]:
     created = int(time.time())
     if isinstance(item, Progress):
         return {
@@ -172,7 +234,7 @@ async def _event(item: Progress | Generated) -> dict[str, Any]:
         }
     return {
         # OpenAI's completed event, every field its type declares, so strict clients parse it too
-        "type": COMPLETED_EVENT,
+        "type": completed,
         "b64_json": await _b64(item),
         "created_at": created,
         "background": "opaque",
@@ -194,7 +256,7 @@ async def _send(response: web.StreamResponse, event: dict[str, Any]) -> None:
 
 
 async def _stream(
-    request: web.Request, gateway: TritonGateway, pipeline: Pipeline, job: GenerationJob
+    request: web.Request, gateway: TritonGateway, pipeline: Pipeline, job: GenerationJob, completed: str
 ) -> web.StreamResponse:
     """Server-sent events. The first item is awaited before the response starts, so a request the server
     refuses (bad params, full queue) gets a plain HTTP error; a later failure is an `error` event."""
@@ -204,7 +266,7 @@ async def _stream(
         await response.prepare(request)
         try:
             while True:
-                await _send(response, await _event(item))
+                await _send(response, await _event(item, completed))
                 item = await anext(items)
         except StopAsyncIteration:
             pass

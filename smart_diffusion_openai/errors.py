@@ -14,10 +14,10 @@ from typing import Any
 
 from smart_diffusion_backend.wire import FIELDS
 
-# Request tensor -> the OpenAI body field it came from (HEIGHT and WIDTH both come from "size").
-OPENAI_FIELD: dict[str, str] = {
-    name: ("size" if f.attr in ("height", "width") else f.attr) for name, f in FIELDS.items()
-}
+# Request tensor -> the OpenAI body field it came from: HEIGHT and WIDTH both come from "size", the edit's
+# images from its multipart fields "image" and "mask"; the others from the field of their own name.
+_RENAMED = {"height": "size", "width": "size", "input_image": "image", "mask_image": "mask"}
+OPENAI_FIELD: dict[str, str] = {name: _RENAMED.get(f.attr, f.attr) for name, f in FIELDS.items()}
 
 # gRPC status (tritonclient's "StatusCode.X", without the prefix) -> HTTP status
 HTTP_STATUS: dict[str, int] = {

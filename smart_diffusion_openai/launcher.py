@@ -45,6 +45,10 @@ def command(config: FacadeConfig) -> list[str]:
         f"{config.timeout_s:g}",
         "--shutdown-timeout-s",
         f"{config.shutdown_timeout_s:g}",
+        "--max-upload-bytes",
+        str(config.max_upload_bytes),
+        "--max-input-pixels",
+        str(config.max_input_pixels),
     ]
 
 

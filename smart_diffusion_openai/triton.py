@@ -26,7 +26,7 @@ import tritonclient.grpc.aio as grpcclient
 
 from smart_diffusion_backend.wire import pixel_output
 
-from .errors import ApiError, bad_request, from_exception
+from .errors import OPENAI_FIELD, ApiError, bad_request, from_exception
 from .params import GenerationJob, Tensors
 
 logger = logging.getLogger(__name__)
@@ -71,10 +71,11 @@ class Pipeline:
         return name in {self.id, self.prefix, self.prefix.rstrip("_"), self.entry_model} - {""}
 
     def check(self, job: GenerationJob) -> None:
-        """Fields this pipeline has no input for (NUM_FRAMES on an image model) -> 400 naming the field."""
+        """Fields this pipeline has no input for (NUM_FRAMES on an image model, an edit's mask on a Kontext
+        model) -> 400 naming the request field."""
         for name in job.tensors(0):
             if name not in self.inputs:
-                field = "num_frames" if name == "NUM_FRAMES" else name.lower()
+                field = OPENAI_FIELD.get(name, name.lower())
                 raise bad_request(field, f"{field}: model {self.id!r} ({self.task}s) takes no {name} input")
         if job.stream and not self.streams:
             raise bad_request("stream", f"stream: model {self.id!r} serves no {self.stream_model} model")

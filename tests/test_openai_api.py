@@ -172,7 +172,7 @@ def test_health_and_openai_shaped_404(facade):
     with urllib.request.urlopen(f"{base}/health", timeout=10) as reply:
         assert reply.status == 200 and json.load(reply) == {"status": "ready"}
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(f"{base}/v1/images/edits", data=b"{}", timeout=10)
+        urllib.request.urlopen(f"{base}/v1/images/variations", data=b"{}", timeout=10)
     assert err.value.code == 404 and set(json.load(err.value)["error"]) == {"message", "type", "param", "code"}
 
 
