@@ -23,12 +23,12 @@ PACKAGE = "smart_diffusion_backend"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("params, wire, errors", ("params", "wire", "errors", "progress", "admission", "metrics", "stage_guard")),
     ("kernels", ("kernels",)),
-    ("attention, quant, cache", ("attention", "quant", "cache")),
+    ("attention, quant, cache", ("attention", "quant", "cache", "lora")),
     ("families", ("families", "stage_shapes")),
     ("parallel", ("parallel",)),
     ("service", ("service",)),
     ("triton adapter, orchestrator", ("triton_adapter", "orchestrator", "repository", "serving", "upgrade")),
-    ("tools", ("tiny_models", "training")),
+    ("tools", ("tiny_models", "training", "quality")),
 )
 LAYER_OF = {top: index for index, (_, tops) in enumerate(LAYERS) for top in tops}
 

@@ -13,12 +13,14 @@ Embeddings and latents are the wire format between stages: float32 across proces
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Callable, ClassVar
-
+import contextlib
+import dataclasses
+import functools
 import logging
 import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -26,6 +28,9 @@ import torch
 from ..cache import CacheConfig, MetricReduce, request_cache, validate_model_cache
 from ..params import ModelParams, SystemParams, UserParams, parse_user_params
 from .spec import Family
+
+if TYPE_CHECKING:
+    from ..lora import LoraSet
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +102,17 @@ def run_branches_sequentially(forward, cond_kwargs: dict, uncond_kwargs: dict) -
     return forward(**cond_kwargs), forward(**uncond_kwargs)
 
 
+def _with_request_lora(denoise: Callable) -> Callable:
+    """A family's `denoise`, run inside its request's LoRA scope (DenoiserStage.lora_scope)."""
+
+    @functools.wraps(denoise)
+    def denoise_with_request_lora(self, embeddings, params, *args, **kwargs):
+        with self.lora_scope(params):
+            return denoise(self, embeddings, params, *args, **kwargs)
+
+    return denoise_with_request_lora
+
+
 class DenoiserStage(Stage):
     """Owns the transformer and the denoising loop.
 
@@ -109,6 +125,15 @@ class DenoiserStage(Stage):
     family: ClassVar[Family]  # the family's spec: what the cache, attention and parallel code ask
     run_branches: BranchRunner = staticmethod(run_branches_sequentially)
     reduce_metric: MetricReduce | None = None
+    loras: "LoraSet | None" = None  # the resident LoRA adapters (install_loras), None when the model has none
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Every family's `denoise` runs its request's LoRA selection (params.lora / lora_scale): the wrapper
+        sets it for the call and restores the previous one after, so no family code deals with LoRA."""
+        super().__init_subclass__(**kwargs)
+        denoise = cls.__dict__.get("denoise")
+        if denoise is not None and not getattr(denoise, "__isabstractmethod__", False):
+            cls.denoise = _with_request_lora(denoise)
 
     def __init__(self, model: ModelParams, system: SystemParams):
         super().__init__(model, system)
@@ -120,11 +145,13 @@ class DenoiserStage(Stage):
         return [self.transformer]
 
     def prepare_transformers(self) -> None:
-        """Apply the system's `attention_backend`, `fp8_linear` and, when asked, regional compile; families call
-        this at the end of loading. "sdpa" keeps diffusers' own processors (the reference path). A pool worker
-        then replaces the processors with sequence-parallel ones that call the same backend."""
-        if self.system.fp8_linear:
+        """Apply the system's `attention_backend`, `fp8_linear`, the model's LoRA adapters and, when asked,
+        regional compile; families call this at the end of loading. "sdpa" keeps diffusers' own processors (the
+        reference path). A pool worker then replaces the processors with sequence-parallel ones that call the
+        same backend."""
+        if self.fp8_enabled():
             self.quantize_linears()
+        self.install_loras()
         if self.system.attention_backend != "sdpa":
             from ..attention.processors import attention_for, install_attention
 
@@ -133,6 +160,17 @@ class DenoiserStage(Stage):
                 install_attention(transformer, attention, self.family)
         if self.system.compile_transformer:
             self.compile_transformers()
+
+    def fp8_enabled(self) -> bool:
+        """`fp8_linear: auto` (the fast path's default) turns it on where the card has FP8 tensor cores
+        (compute capability 8.9+) and the stage runs bf16; true or false decide by themselves."""
+        if self.system.fp8_linear == "auto":
+            return (
+                self.device.type == "cuda"
+                and torch.cuda.get_device_capability(self.device) >= (8, 9)
+                and self.dtype == torch.bfloat16
+            )
+        return bool(self.system.fp8_linear)
 
     def quantize_linears(self) -> None:
         """fp8_linear: the blocks' token-wise Linear layers become e4m3 GEMMs (quant/fp8_linear.py)."""
@@ -144,6 +182,28 @@ class DenoiserStage(Stage):
         replaced = sum(quantize_linears(t) for t in self.transformers())
         logger.info("%s: fp8_linear: %d Linear layers run as e4m3 GEMMs", self.model.name, replaced)
 
+    def install_loras(self) -> None:
+        """The model yaml's `lora:` adapters (smart_diffusion_backend/lora.py), resident from now on: the Linear
+        layers they target get the per-request LoRA term beside them (after fp8_linear, before compile)."""
+        from ..lora import LoraSet
+
+        self.loras = LoraSet.load(self.model, self.transformers(), self.device, self.dtype)
+
+    @property
+    def lora_adapters(self) -> tuple[str, ...]:
+        """The names of the resident LoRA adapters (what LORA may name)."""
+        return self.loras.names if self.loras is not None else ()
+
+    def lora_scope(self, params: UserParams):
+        """A context in which this thread's forwards add the request's adapters at its scales (none without
+        LORA). ParamError (INVALID_ARG) for an adapter that is not resident, before anything runs."""
+        if self.loras is None:
+            from ..lora import check_selection
+
+            check_selection(params.lora, ())
+            return contextlib.nullcontext()
+        return self.loras.scope(params.lora, params.lora_scale)
+
     def compile_transformers(self, fullgraph: bool = True) -> None:
         """Regional compile of the repeated blocks, then a timed warm-up so no request pays the compile.
         A pool worker calls it after its sequence-parallel processors are in, on every rank at once (the
@@ -151,25 +211,32 @@ class DenoiserStage(Stage):
         collectives (one graph per block), but Ring's point-to-point transfers break the graph."""
         from ..attention.compile import compile_repeated_blocks
 
-        # dynamic=None: the default size compiles static at load; the first other size recompiles with
-        # dynamic shapes, which then serves every later size without more compiles.
+        # dynamic=None: the first warm size compiles static; the first other size recompiles with dynamic
+        # shapes, which then serves every later size without more compiles.
         blocks = sum(compile_repeated_blocks(t, dynamic=None, fullgraph=fullgraph) for t in self.transformers())
         self.compile_seconds = self.warm_up()
-        logger.info("%s: compiled %d repeated blocks; warm-up at %dx%d took %.1f s (compile included)",
-                    self.model.name, blocks, self.model.default_height, self.model.default_width,
-                    self.compile_seconds)
+        sizes = ", ".join(f"{h}x{w}" for h, w in self.model.warm_sizes)
+        logger.info("%s: compiled %d repeated blocks; warm-up at %s took %.1f s (compile included)",
+                    self.model.name, blocks, sizes, self.compile_seconds)
 
     @abstractmethod
     def warm_up_embeddings(self) -> Embeddings:
         """Zero text conditioning of the shapes the text encoder produces (for the load-time warm-up)."""
 
     def warm_up(self) -> float:
-        """One 2-step denoise at the model's default size, so torch.compile compiles at load rather than in
-        the first request; returns its seconds."""
-        params = parse_user_params({"STEPS": np.array([2], np.int32), "SEED": np.array([0], np.int64)},
-                                   self.model, self.system, require_prompt=False)
+        """A 2-step denoise at each of the model's `warm_sizes` (its default size when the yaml lists none), so
+        torch.compile compiles at load rather than in a user's request (the first size compiles static graphs,
+        the second dynamic ones that serve every later size), and one with a LoRA term when adapters are
+        resident; returns the seconds taken."""
         started = time.perf_counter()
-        self.denoise(self.warm_up_embeddings(), params)
+        for height, width in self.model.warm_sizes:
+            values = {"STEPS": np.array([2], np.int32), "SEED": np.array([0], np.int64),
+                      "HEIGHT": np.array([height], np.int32), "WIDTH": np.array([width], np.int32)}
+            params = parse_user_params(values, self.model, self.system, require_prompt=False)
+            self.denoise(self.warm_up_embeddings(), params)
+        if self.lora_adapters:  # the blocks' second variant, with a LoRA term (any adapter, scale 0)
+            self.denoise(self.warm_up_embeddings(),
+                         dataclasses.replace(params, lora=self.lora_adapters[:1], lora_scale=(0.0,)))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started

@@ -5,6 +5,10 @@ Every rank gets the same job (embeddings, user params): noise comes from the see
 scheduler is built per request, so trajectories are identical on all ranks and rank 0's latents are
 the answer. Rank 0 reports progress to the request's step channel; a cancel heard there is raised as a
 pool-wide cancel flag, and all ranks stop together at the next step (a collective check).
+
+LoRA: every worker loads the same resident adapters (the parent pins the list, so a respawned pool loads
+them again) and each rank's stage applies the request's LORA / LORA_SCALE around its denoise; an adapter
+that is not resident is refused in the parent, before the job reaches the ranks.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..families import Embeddings, load_stage
-from ..params import ModelParams, SystemParams, UserParams
 from ..errors import DenoiseCancelled
+from ..families import Embeddings, load_stage
+from ..lora import check_selection, pin_resident, resident_names
+from ..params import ModelParams, SystemParams, UserParams
 from ..progress import StepReporter
 from . import parallel_state as ps
 from .parallel_state import ParallelConfig
@@ -54,6 +59,10 @@ class DenoiseWorker:
         """This rank's compile + warm-up seconds (None when the blocks run eager)."""
         return self.stage.compile_seconds
 
+    def lora_adapters(self) -> tuple[str, ...]:
+        """The LoRA adapters resident on this rank."""
+        return self.stage.lora_adapters
+
     def denoise(
         self, prompt_embeds: np.ndarray, pooled: np.ndarray, params: UserParams, channel: str | None
     ) -> tuple[torch.Tensor, dict]:
@@ -88,6 +97,9 @@ class PooledDenoiser:
         parallel = ParallelConfig(
             ulysses_degree=system.ulysses_degree, ring_degree=system.ring_degree, cfg_degree=system.cfg_degree
         )
+        # The adapter list is read once, here: every worker (and every respawn) loads exactly these.
+        self.lora_adapters = resident_names(model)
+        model = pin_resident(model, self.lora_adapters)
         threads = system.torch_threads or (max(1, (os.cpu_count() or 1) // parallel.world_size) if system.device == "cpu" else None)
         self.pool = WorkerPool(
             parallel.world_size,
@@ -101,11 +113,16 @@ class PooledDenoiser:
             start_timeout_s=900.0 if system.compile_transformer else 300.0,
         )
         self.pool.start()
+        ranks = self.pool.run_all("lora_adapters")
+        if any(tuple(r) != self.lora_adapters for r in ranks):
+            self.pool.shutdown()
+            raise RuntimeError(f"LoRA adapters differ between the ranks: {ranks}; expected {self.lora_adapters}")
 
     def denoise(
         self, embeddings: Embeddings, params: UserParams, channel: str | None, cancel_check: Any = None
     ) -> tuple[torch.Tensor, dict]:
         """-> (latents, cache stats) from rank 0; every rank took the same cache decisions."""
+        check_selection(params.lora, self.lora_adapters)  # a bad name is the request's error, not a pool failure
         try:
             return self.pool.execute(
                 "denoise",
