@@ -431,9 +431,9 @@ def test_training_script_smoke(tmp_path, monkeypatch):
 
 @pytest.fixture
 def lora_server(tiny_flux, flux_adapters, tmp_path):
-    """tiny-flux with the two adapters, explicit model control (so the denoiser can be reloaded). One server per
-    test: after the mixed traffic of the first test, a reload of the denoiser crashed tritonserver 2.51 in its
-    own heap (docs/lora.md, "Reloading")."""
+    """tiny-flux with the two adapters in a directory of its own, explicit model control (so the denoiser can be
+    reloaded). One server per test: the reload test adds an adapter to the directory, which the other test's
+    list of resident adapters must not see."""
     import yaml
 
     from smart_diffusion_backend.repository import write_repository
