@@ -39,8 +39,9 @@ serve: weights
 test: weights
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# No tritonserver, no worker processes: the quick loop while editing.
 test-fast: weights
-	$(PY) -m pytest -q -p no:cacheprovider -m "not server" tests
+	SMART_DIFFUSION_FORBID_WORKERS=1 $(PY) -m pytest -q -p no:cacheprovider -m "not server and not pool" tests
 
 # ruff, configured in pyproject.toml (pyflakes, pycodestyle errors and warnings, import order)
 lint: install

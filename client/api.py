@@ -206,6 +206,10 @@ class SmartDiffusionClient:
             self._client.stop_stream(cancel_requests=not finished)
 
     def _stream_http(self, request, on_progress, model, output) -> GenerationResult:
+        if request.input_image is not None or request.mask_image is not None:
+            # Triton's generate_stream maps JSON values to 1-D tensors only; an image is [H, W, 3].
+            raise GenerationError("streaming a request with an image needs protocol 'grpc': HTTP generate_stream "
+                                  "carries scalars and 1-D lists only (or use infer over HTTP)")
         host, _, port = self.url.rpartition(":")
         connection = http.client.HTTPConnection(host, int(port), timeout=self.timeout_s)
         progress: list[tuple[int, int]] = []

@@ -38,6 +38,7 @@ from .wire import (
     FIELDS,
     IMAGE_INPUTS,
     TEXT_INPUTS,
+    conditioning_rank,
     denoiser_input_names,
     encode_request,
     encoder_input_names,
@@ -170,6 +171,11 @@ def call_stage(
     return {name: pb.get_output_tensor_by_name(result, name) for name in outputs}
 
 
+def empty_conditioning(task: str) -> dict[str, np.ndarray]:
+    """The conditioning tensors of a request without an image: zero-size, of each tensor's rank."""
+    return {name: np.zeros((0,) * conditioning_rank(name, task), np.float32) for name in CONDITIONING_TENSORS}
+
+
 def user_param_tensors(params, model: ModelParams) -> dict[str, np.ndarray]:
     """UserParams -> explicit request tensors for the denoiser (so every stage sees the same seed)."""
     return encode_request(vars(params), denoiser_input_names(model.task, model.accepts))
@@ -239,13 +245,20 @@ class PipelineOrchestrator:
         hop_started = time.perf_counter()
         text_inputs = text_tensors(params, self.model)
         text_inputs["STATS"] = text_encoder_grant(self.key, self.model.name, text_inputs)
+        # Conditioning comes from the encoder only when the request has an image. Some of it may still be
+        # empty (no mask, no image embeddings), and Triton 2.51's Python backend crashes sending a zero-size
+        # output into GPU memory, so that hop stays in host memory; without an image the denoiser gets
+        # zero-size host arrays made here.
+        with_image = bool(self.conditioning) and params.input_image is not None
         encoded = call_stage(
             self.pb,
             self.stage_models["text_encoder_model"],
             text_inputs,
-            [*EMBEDDING_TENSORS, *self.conditioning, "STATS"],
-            gpu_outputs=gpu_outputs,
+            [*EMBEDDING_TENSORS, *(self.conditioning if with_image else ()), "STATS"],
+            gpu_outputs=gpu_outputs and not with_image,
         )
+        if self.conditioning and not with_image:
+            encoded.update(empty_conditioning(self.model.task))
         hops_ms = {"text_encoder": ms_since(hop_started)}
         stop.check("before denoising")
         denoise_inputs = {**encoded, **user_param_tensors(params, self.model)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
 import subprocess
 import sys
@@ -14,6 +15,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _workers_only_in_pool_tests(request, monkeypatch):
+    """`make test-fast` (SMART_DIFFUSION_FORBID_WORKERS=1) runs no test that starts worker processes: one
+    that does without the `pool` marker fails here, so the marker stays true."""
+    if os.environ.get("SMART_DIFFUSION_FORBID_WORKERS") and "pool" not in request.keywords:
+        def refuse(process):
+            raise RuntimeError(f"{request.node.nodeid} starts a worker process: mark it @pytest.mark.pool")
+
+        monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
 
 
 @pytest.fixture(scope="session")

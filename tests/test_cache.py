@@ -432,6 +432,7 @@ def pool():
     p.shutdown()
 
 
+@pytest.mark.pool
 def test_two_ranks_take_identical_decisions(pool):
     synced = pool.run_all("independent", 0.15, True)
     assert synced[0] == synced[1], synced
@@ -441,6 +442,7 @@ def test_two_ranks_take_identical_decisions(pool):
     assert unsynced[0] != unsynced[1], unsynced
 
 
+@pytest.mark.pool
 def test_sequence_parallel_ranks_agree_and_match(pool):
     results = pool.run_all("sequence_parallel", 0.1)
     (sched0, out0), (sched1, out1) = results

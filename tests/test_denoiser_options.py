@@ -39,6 +39,7 @@ def flux_eager(tiny_flux, cpu_system):
     return load_stage("denoiser", tiny_flux, cpu_system)
 
 
+@pytest.mark.pool
 def test_compiled_pool_equals_the_eager_one_rank_denoiser(tiny_flux, cpu_system, flux_embeddings, flux_eager):
     """A Ulysses-2 pool with compile_transformer: each rank compiles after its SP processors are in and
     warms up with the other; the output equals the eager one-rank denoiser in float32."""
@@ -134,6 +135,7 @@ def test_fp8_linear_denoiser_stays_near_the_float_one_eager_and_compiled(tiny_fl
     assert rel_l2(compiled.denoise(flux_embeddings, params), out) <= 1e-3  # the e4m3 GEMMs compile too
 
 
+@pytest.mark.pool
 def test_fp8_linear_pool_equals_the_fp8_one_rank_denoiser(tiny_flux, cpu_system, flux_embeddings):
     """Each rank of a Ulysses-2 pool quantises the same weights the same way: the pooled fp8 denoiser equals
     the one-rank fp8 denoiser (the GEMMs are row-local, so sharding the sequence changes nothing)."""

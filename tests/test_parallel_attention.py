@@ -300,6 +300,7 @@ def test_shard_layout_pads_at_the_end():
 # ---- world 2 ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.pool
 def test_world2_layout_and_decisions(pool2):
     print("inner attention:", pool2.run("inner_backend"))
     lay = pool2.run_all("layout")
@@ -309,28 +310,33 @@ def test_world2_layout_and_decisions(pool2):
         assert r["broadcast"] == 4.0 and r["max"] == 4.0 and r["any"] is True and r["max_tensor"] == [1, 0]
 
 
+@pytest.mark.pool
 def test_world2_attention_ulysses_ring(pool2):
     _check(pool2.run_all("attention", [(2, 1, 1), (1, 2, 1)], [2, 3, 4], 43))
 
 
+@pytest.mark.pool
 def test_world2_transformers_ulysses_ring(pool2):
     _check(pool2.run_all(
         "transformers", [(2, 1, 1), (1, 2, 1)], ["flux-2h", "flux-4h", "flux-2h-b2", "wan-2h", "wan-2h-t23"]
     ))
 
 
+@pytest.mark.pool
 def test_world2_ulysses_compiles_without_graph_breaks(pool2):
     errs = pool2.run_all("compiled", [(2, 1)], ["flux-2h", "wan-2h"], True)
     assert {"u2r1/flux-2h/ulysses/compiled", "u2r1/wan-2h/ulysses/compiled"} == set(errs[0])
     _check(errs)
 
 
+@pytest.mark.pool
 def test_world2_ring_compiles_around_its_transfers(pool2):
     errs = pool2.run_all("compiled", [(1, 2)], ["flux-2h", "wan-2h"], False)
     assert {"u1r2/flux-2h/ring/compiled", "u1r2/wan-2h/ring/compiled"} == set(errs[0])
     _check(errs)
 
 
+@pytest.mark.pool
 def test_world2_cfg_parallel(pool2):
     _check(pool2.run_all("cfg", [(1, 1, 2)], ["flux-2h", "wan-2h"]))
 
@@ -338,11 +344,13 @@ def test_world2_cfg_parallel(pool2):
 # ---- world 4 ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.pool
 def test_world4_attention(pool4):
     # h=2 under ulysses 4 -> ring fallback over the SP group; h=6 under u2r2 -> hybrid; h=3 -> fallback
     _check(pool4.run_all("attention", [(4, 1, 1), (1, 4, 1), (2, 2, 1)], [2, 3, 4], 43))
 
 
+@pytest.mark.pool
 def test_world4_transformers(pool4):
     errs = pool4.run_all(
         "transformers", [(4, 1, 1), (1, 4, 1), (2, 2, 1)], ["flux-2h", "flux-4h", "wan-2h", "wan-4h", "wan-2h-t12"]
@@ -354,6 +362,7 @@ def test_world4_transformers(pool4):
 
 
 
+@pytest.mark.pool
 def test_world4_hybrid_compiles(pool4):
     # Ulysses 2 x Ring 2: the all-to-alls trace, the ring transfers break the graph (fullgraph=False)
     errs = pool4.run_all("compiled", [(2, 2)], ["flux-4h", "wan-4h"], False)
@@ -361,5 +370,6 @@ def test_world4_hybrid_compiles(pool4):
     _check(errs)
 
 
+@pytest.mark.pool
 def test_world4_cfg_times_sp(pool4):
     _check(pool4.run_all("cfg", [(2, 1, 2), (1, 2, 2)], ["flux-2h", "wan-2h"]))

@@ -12,6 +12,8 @@ from smart_diffusion_backend.families import load_stage
 from smart_diffusion_backend.parallel.vae_decode import PooledDecoder, tile_grid
 from smart_diffusion_backend.params import SystemParams
 
+pytestmark = pytest.mark.pool  # every test here starts worker processes
+
 
 @pytest.fixture(scope="module")
 def system():

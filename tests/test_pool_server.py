@@ -16,7 +16,7 @@ from smart_diffusion_backend.serving import child_pids
 from .conftest import start_server, stop_server_and_check
 from .reference import flux_reference
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.pool]
 
 CASE = dict(prompt="a green triangle", height=64, width=80, steps=3, guidance_scale=3.5, seed=11)
 

@@ -416,6 +416,7 @@ def test_sequence_plan_segments_and_segment_attention():
     assert dict(plan.segment_attention) == {"transformer_blocks.*.attn2": ("image",)}
 
 
+@pytest.mark.pool
 def test_sp_transformers_ulysses_and_ring_match_one_process(sd3_pool):
     errors = sd3_pool.run_all("transformers", [(2, 1), (1, 2)])
     worst = {key: max(e[key] for e in errors) for key in errors[0]}
@@ -424,6 +425,7 @@ def test_sp_transformers_ulysses_and_ring_match_one_process(sd3_pool):
     assert not bad, f"rel-L2 above {TOL}: {bad} (all: {worst})"
 
 
+@pytest.mark.pool
 @pytest.mark.parametrize("system_name", ["cpu-sp2", "cpu-ring2"])
 def test_sp_denoise_in_the_pool_worker_matches_one_process(sd3_pool, stages, system_name):
     """The pool's DenoiseWorker (cpu-sp2 / cpu-ring2 layouts): a CFG request at 128x96 (48 image + 109 text
@@ -439,6 +441,7 @@ def test_sp_denoise_in_the_pool_worker_matches_one_process(sd3_pool, stages, sys
     assert diff.max() <= 1
 
 
+@pytest.mark.pool
 def test_sp_cache_ranks_take_one_decision_and_cfg_parallel_matches(sd3_pool, stages):
     embeddings = stages["text_encoder"].encode("a red circle", "blurry")
     args = (embeddings.prompt_embeds.numpy(), embeddings.pooled_prompt_embeds.numpy())

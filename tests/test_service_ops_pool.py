@@ -17,7 +17,7 @@ from smart_diffusion_backend.metrics import total
 from .conftest import start_server, stop_server_and_check
 from .test_service_ops import cancelled, grpc_inputs, metrics, wait_for
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.pool]
 
 
 @pytest.fixture(scope="module")

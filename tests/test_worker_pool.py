@@ -29,6 +29,8 @@ from smart_diffusion_backend.parallel import (
 )
 from smart_diffusion_backend.parallel import parallel_state as ps
 
+pytestmark = pytest.mark.pool  # every test here starts worker processes
+
 STEP_TIMEOUT_S = 4.0
 
 
