@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 import numpy as np  # noqa: E402
 
-from client import Request, SmartDiffusionClient  # noqa: E402
 from smart_diffusion_backend.params import ModelParams, SystemParams, config_path  # noqa: E402
 from smart_diffusion_backend.quality import psnr  # noqa: E402
 from smart_diffusion_backend.repository import write_repository  # noqa: E402
 from smart_diffusion_backend.serving import TritonServer, free_port  # noqa: E402
+from smart_diffusion_client import Request, SmartDiffusionClient  # noqa: E402
 
 PATHS = {  # name -> (label, system yaml keys over the base system; None = diffusers' own pipeline)
     "diffusers-before": ("diffusers FluxPipeline, eager (before)", None),

@@ -30,7 +30,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from bench.report import emit  # noqa: E402
-from client import Request, SmartDiffusionClient  # noqa: E402
 from smart_diffusion_backend.params import project_root  # noqa: E402
 from smart_diffusion_backend.repository import write_repository  # noqa: E402
 from smart_diffusion_backend.service import (  # noqa: E402
@@ -40,6 +39,7 @@ from smart_diffusion_backend.service import (  # noqa: E402
     load_params,
 )
 from smart_diffusion_backend.serving import TritonServer, free_port  # noqa: E402
+from smart_diffusion_client import Request, SmartDiffusionClient  # noqa: E402
 
 
 class InProcess:

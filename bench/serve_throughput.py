@@ -23,9 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-from client import Request, SmartDiffusionClient
 from smart_diffusion_backend.repository import write_repository
 from smart_diffusion_backend.serving import TritonServer, free_port, stop_on_signals
+from smart_diffusion_client import Request, SmartDiffusionClient
 
 ROOT = Path(__file__).resolve().parent.parent
 PA_DIR = ROOT / ".pa"

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-from client import GenerationError, Request, SmartDiffusionClient
 from smart_diffusion_backend.serving import (
     child_pids,
     free_port,
@@ -40,6 +39,7 @@ from smart_diffusion_backend.serving import (
     stop_on_signals,
 )
 from smart_diffusion_backend.wire import FIELDS
+from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
 ROOT = Path(__file__).resolve().parent.parent
 

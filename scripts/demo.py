@@ -11,10 +11,10 @@ import json
 import time
 from pathlib import Path
 
-from client import Request, SmartDiffusionClient
-from client.__main__ import _save
 from smart_diffusion_backend.params import project_root
 from smart_diffusion_backend.serving import TritonServer, stop_on_signals
+from smart_diffusion_client import Request, SmartDiffusionClient
+from smart_diffusion_client.__main__ import _save
 
 
 def main() -> None:

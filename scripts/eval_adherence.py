@@ -58,9 +58,9 @@ class ServedGenerator:
     """A tritonserver serving one model yaml, written into a temporary repository."""
 
     def __init__(self, cfg: EvalConfig, tmp: Path):
-        from client import SmartDiffusionClient
         from smart_diffusion_backend.repository import write_repository
         from smart_diffusion_backend.serving import TritonServer, free_port
+        from smart_diffusion_client import SmartDiffusionClient
 
         repo = tmp / "repo"
         write_repository(repo, [cfg.model], cfg.system)

@@ -22,11 +22,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client import Request, SmartDiffusionClient  # noqa: E402
 from smart_diffusion_backend.params import ModelParams  # noqa: E402
 from smart_diffusion_backend.repository import write_repository  # noqa: E402
 from smart_diffusion_backend.serving import TritonServer, free_port  # noqa: E402
 from smart_diffusion_backend.tiny_models import TINY_BUILDERS  # noqa: E402
+from smart_diffusion_client import Request, SmartDiffusionClient  # noqa: E402
 
 
 def cases(size: int) -> dict[str, Request]:

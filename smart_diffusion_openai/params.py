@@ -1,4 +1,4 @@
-"""OpenAI request bodies -> our request tensors (client.api.Request, i.e. the wire schema).
+"""OpenAI request bodies -> our request tensors (smart_diffusion_client.api.Request, i.e. the wire schema).
 
 One parsed job per HTTP request: the user params shared by its n images, the pipeline asked for, how many
 images and whether to stream. Checks here are about the OpenAI shape (types, `size` syntax, `n`,
@@ -21,9 +21,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from client.api import Request
 from smart_diffusion_backend.params import SEED_MAX
 from smart_diffusion_backend.wire import FIELDS
+from smart_diffusion_client.api import Request
 
 from .errors import ApiError, bad_request
 

@@ -100,8 +100,8 @@ def test_compiled_wan_with_the_triton_backend_equals_eager(cpu_system, monkeypat
 @pytest.mark.server
 def test_a_served_compiled_denoiser_draws_the_eager_image_and_logs_its_compile(tiny_flux, tmp_path, flux_embeddings, flux_eager, cpu_system):
     # Also guards the stub's "C" locale: inductor reads UTF-8 templates, which failed inside a stub.
-    from client import Request, SmartDiffusionClient
     from smart_diffusion_backend.repository import write_repository
+    from smart_diffusion_client import Request, SmartDiffusionClient
 
     from .conftest import start_server, stop_server_and_check, system_yaml_with
 

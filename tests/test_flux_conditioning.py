@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from client import GenerationError, Request, SmartDiffusionClient
 from smart_diffusion_backend.errors import ConfigError, ParamError
 from smart_diffusion_backend.families import load_stage
 from smart_diffusion_backend.params import ModelParams, UserParams
+from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
 from .conftest import start_server, stop_server_and_check
 

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from client import SmartDiffusionClient
 from smart_diffusion_backend.serving import rss_bytes
 from smart_diffusion_backend.stage_guard import GRANT_KEY, binding, mint, server_key
+from smart_diffusion_client import SmartDiffusionClient
 
 pytestmark = pytest.mark.server
 

@@ -458,7 +458,7 @@ def lora_server(tiny_flux, flux_adapters, tmp_path):
 
 @pytest.mark.server
 def test_served_concurrent_requests_with_different_adapters_equal_their_solo_results(lora_server, tiny_flux):
-    from client import GenerationError, Request, SmartDiffusionClient
+    from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
     requests = [Request(prompt="a red circle", height=64, width=64, steps=3, guidance_scale=3.5, seed=1,
                         lora=tuple(s) or None, lora_scale=tuple(s.values()) or None) for s in SELECTIONS]
@@ -496,7 +496,7 @@ def test_a_denoiser_reload_through_the_repository_api_picks_up_new_adapters(lora
     import tritonclient.http as httpclient
     from diffusers import FluxTransformer2DModel
 
-    from client import GenerationError, Request, SmartDiffusionClient
+    from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
     transformer = FluxTransformer2DModel.from_pretrained(tiny_flux.weights, subfolder="transformer")
     write_adapter(lora_server.lora_dir / "ink.safetensors", transformer, ("to_v", "proj_mlp"), rank=3, seed=9)

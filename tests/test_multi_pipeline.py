@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from client import GenerationError, Request, SmartDiffusionClient
+from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
 from .conftest import start_server, stop_server_and_check
 from .reference import flux_reference

@@ -14,7 +14,7 @@ import numpy as np
 import openai
 import pytest
 
-from client import Request, SmartDiffusionClient
+from smart_diffusion_client import Request, SmartDiffusionClient
 from smart_diffusion_openai import FacadeConfig, FacadeProcess
 from smart_diffusion_openai.encode import decode_png_b64, png_b64
 from smart_diffusion_openai.errors import field_param, stream_error_code, triton_error

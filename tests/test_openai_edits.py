@@ -20,7 +20,7 @@ import openai
 import pytest
 from PIL import Image
 
-from client import Request, SmartDiffusionClient
+from smart_diffusion_client import Request, SmartDiffusionClient
 from smart_diffusion_openai import FacadeConfig, create_app
 from smart_diffusion_openai.encode import decode_png_b64
 from smart_diffusion_openai.errors import ApiError

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from client import Request, SmartDiffusionClient
 from smart_diffusion_backend.metrics import scrape, total
+from smart_diffusion_client import Request, SmartDiffusionClient
 
 from .conftest import start_server, stop_server_and_check, system_yaml_with
 

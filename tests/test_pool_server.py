@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import GenerationError, Request, SmartDiffusionClient
 from smart_diffusion_backend.serving import child_pids
+from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
 from .conftest import start_server, stop_server_and_check
 from .reference import flux_reference

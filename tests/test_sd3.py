@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from client import GenerationError, Request, SmartDiffusionClient
 from smart_diffusion_backend.cache import CacheConfig
 from smart_diffusion_backend.errors import ConfigError, ParamError
 from smart_diffusion_backend.families import family, load_stage
 from smart_diffusion_backend.params import ModelParams, SystemParams, UserParams
+from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
 from .reference import rel_l2
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import GenerationError, Request, SmartDiffusionClient
+from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
 from .reference import flux_reference
 
@@ -150,7 +150,7 @@ def test_num_images_past_the_model_limit_is_refused(server):
 def test_cli_writes_the_png(server, reference, tmp_path):
     out = tmp_path / "cli.png"
     args = [
-        sys.executable, "-m", "client", "generate", "--prompt", CASE["prompt"], "--height", "64", "--width", "96",
+        sys.executable, "-m", "smart_diffusion_client", "generate", "--prompt", CASE["prompt"], "--height", "64", "--width", "96",
         "--steps", "3", "--guidance-scale", "2.5", "--seed", "42", "--url", server.grpc_url, "--protocol", "grpc",
         "--stream", "--out", str(out),
     ]

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import GenerationError, Request, SmartDiffusionClient
 from smart_diffusion_backend.metrics import scrape, total
 from smart_diffusion_backend.serving import process_cmdline
+from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
 from .conftest import start_server, stop_server_and_check, system_yaml_with
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from client import Request, SmartDiffusionClient
 from smart_diffusion_backend.metrics import total
+from smart_diffusion_client import Request, SmartDiffusionClient
 
 from .conftest import start_server, stop_server_and_check
 from .test_service_ops import cancelled, grpc_inputs, metrics, wait_for

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from client import GenerationError, Request, SmartDiffusionClient
 from smart_diffusion_backend.errors import DenoiseCancelled, ParamError
 from smart_diffusion_backend.families import load_stage
 from smart_diffusion_backend.params import ModelParams, UserParams, parse_user_params
 from smart_diffusion_backend.service import DecoderService, TextEncoderService
+from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from client import GenerationError, Request, SmartDiffusionClient
 from smart_diffusion_backend.errors import ConfigError, ParamError
 from smart_diffusion_backend.families import load_stage
 from smart_diffusion_backend.params import ModelParams, UserParams, parse_user_params
 from smart_diffusion_backend.service import DecoderService, DenoiserService, TextEncoderService
+from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
 from .conftest import start_server, stop_server_and_check
 

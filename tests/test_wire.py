@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import Request
 from smart_diffusion_backend.params import ModelParams, SystemParams, UserParams, parse_user_params
 from smart_diffusion_backend.repository import PipelineEntry, model_configs
 from smart_diffusion_backend.wire import (
@@ -21,6 +20,7 @@ from smart_diffusion_backend.wire import (
     encode_request,
     request_field_names,
 )
+from smart_diffusion_client import Request
 
 ROOT = Path(__file__).resolve().parent.parent
 DECLARED = re.compile(r'name: "(\w+)" data_type: (\w+)')

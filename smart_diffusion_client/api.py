@@ -1,6 +1,6 @@
 """A small client for Smart-Diffusion servers (tritonclient HTTP / gRPC, plain or streaming).
 
-    from client import SmartDiffusionClient
+    from smart_diffusion_client import SmartDiffusionClient
     with SmartDiffusionClient("127.0.0.1:8000") as c:
         result = c.generate("a red circle", seed=1)
     result.image  # uint8 [H, W, 3]; result.stats: per-stage milliseconds, seed used, ...
