@@ -68,3 +68,29 @@ def test_fast_path_draws_what_the_prompts_say(images):
     exact, fast = score(CASES, exact_images), score(CASES, fast_images)
     assert exact.rate("both") == 1.0, exact.rows  # the model itself adheres on these cases
     assert fast.rate("both") == 1.0, fast.rows
+
+
+def test_check_script_reports_and_fails_below_its_thresholds(tmp_path):
+    """scripts/check_fast_path.py, the operator's check, on CPU: a report with a row per prompt and the images
+    beside it; exit 1 when an image misses a threshold (SSIM cannot reach 1.01), 2 for a system without a
+    fast path. The fast path here is compile only (fp8 `auto` is off on a CPU), to keep it quick."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    system = tmp_path / "cpu-fast.yaml"
+    system.write_text((ROOT / "configs" / "system" / "cpu.yaml").read_text() + "\nfast_path: true\n")  # its attention stays sdpa
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a gray background, center\n")
+    out = tmp_path / "check" / "report.md"
+    base = [sys.executable, str(ROOT / "scripts" / "check_fast_path.py"), "--model", "shapes-flux", "--steps", "4",
+            "--prompts", str(prompts), "--out", str(out)]
+    run = subprocess.run([*base, "--system", str(system), "--min-ssim", "1.01"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 1, run.stdout + run.stderr
+    report = out.read_text()
+    assert "**FAIL**" in report and "| a red circle on a gray background, center | 0 |" in report, report
+    assert (out.parent / "report-00-exact.png").is_file() and (out.parent / "report-00-fast.png").is_file()
+    refused = subprocess.run([*base, "--system", "cpu"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "has no fast path" in refused.stderr
