@@ -255,6 +255,22 @@ def rss_bytes(pids: set[int]) -> dict[int, int]:
     return sizes
 
 
+def pss_bytes(pids: set[int]) -> dict[int, int]:
+    """Proportional set size of each live process (from /proc/PID/smaps_rollup): a page shared by n processes
+    counts 1/n in each, so the sum over a server's tree counts its shared memory regions once (their RSS
+    appears in tritonserver and in the stub alike)."""
+    sizes = {}
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    sizes[pid] = int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return sizes
+
+
 def process_cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()

@@ -1,7 +1,7 @@
 """Hostile direct calls to the internal stage models of a real tritonserver.
 
-Each call is answered with a clear error within 2 s, the server's processes grow by less than 200 MB,
-and a normal request works right after. Without a grant every stage refuses at once (UNSUPPORTED, HTTP 501);
+Each call is answered with a clear error within 2 s, the server's processes grow by less than 200 MB
+(PSS: a shared memory region counts once), and a normal request works right after. Without a grant every stage refuses at once (UNSUPPORTED, HTTP 501);
 with a grant minted the way the server's own models mint them (the key is derived from the server's
 pid, stage_guard.server_key), the stage's own validation answers INVALID_ARG naming the field.
 """
@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from smart_diffusion_backend.serving import rss_bytes
+from smart_diffusion_backend.serving import pss_bytes
 from smart_diffusion_backend.stage_guard import GRANT_KEY, binding, mint, server_key
 from smart_diffusion_client import SmartDiffusionClient
 
@@ -86,8 +86,9 @@ def hostile_calls(key: bytes) -> list[tuple[str, str, dict[str, np.ndarray], str
     ]
 
 
-def _tree_rss(server) -> int:
-    return sum(rss_bytes(server.process_tree()).values())
+def _tree_memory(server) -> int:
+    """The server tree's memory, shared regions counted once (PSS)."""
+    return sum(pss_bytes(server.process_tree()).values())
 
 
 def test_hostile_direct_calls_are_refused_fast_and_serving_goes_on(server):
@@ -99,7 +100,7 @@ def test_hostile_direct_calls_are_refused_fast_and_serving_goes_on(server):
     failures = []
     try:
         for case, model, inputs, status, text in hostile_calls(key):
-            before = _tree_rss(server)
+            before = _tree_memory(server)
             started = time.perf_counter()
             try:
                 client.infer(model, [_tensor(name, array) for name, array in inputs.items()])
@@ -107,7 +108,7 @@ def test_hostile_direct_calls_are_refused_fast_and_serving_goes_on(server):
                 continue
             except InferenceServerException as exc:
                 seconds, error = time.perf_counter() - started, exc
-            growth = _tree_rss(server) - before
+            growth = _tree_memory(server) - before
             if error.status() != status or text not in error.message():
                 failures.append(f"{case}: [{error.status()}] {error.message()!r}, expected [{status}] ...{text!r}...")
             if seconds > MAX_SECONDS:
