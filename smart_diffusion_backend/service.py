@@ -179,9 +179,6 @@ class DenoiserService:
         self, embeddings: Embeddings, params: UserParams, channel: str | None, cancel_check: Callable[[], bool] | None
     ) -> tuple[torch.Tensor, dict]:
         if self.pool is not None:
-            if any(getattr(embeddings, name.lower()) is not None for name in CONDITIONING_TENSORS):
-                # The pool's jobs carry the text embeddings only: refused, never denoised without the image.
-                raise ParamError("INPUT_IMAGE", "is not supported yet by a denoiser running on several ranks")
             return self.pool.denoise(embeddings, params, channel, cancel_check)
         reporter = StepReporter(channel) if channel else None
 

@@ -204,28 +204,14 @@ def test_load_checks_the_yaml_against_the_weights(tiny_wan_i2v, cpu_system, tmp_
         ModelParams.load(str(tmp_path / "b.yaml"))
 
 
-SEVERAL_RANKS = "image-to-video is not supported yet by a denoiser running on several ranks"
-
-
-def test_several_ranks_are_refused_at_load(tiny_wan_i2v):
-    """The pool's jobs carry the text embeddings only: an I2V model on several ranks could serve no request,
-    so its stages refuse the system at load (the encoder in process, the denoiser before its weights)."""
+def test_stages_load_on_a_system_of_several_ranks(tiny_wan_i2v):
+    """The pool's jobs carry the image conditioning to every rank, so an I2V model loads on several ranks
+    (tests/test_pool_conditioning.py checks the pooled denoise against one rank)."""
     from smart_diffusion_backend.params import SystemParams
 
     sp = SystemParams.load("cpu-sp2")
     for kind in ("text_encoder", "denoiser"):
-        with pytest.raises(ConfigError, match=f"{SEVERAL_RANKS} \\(system 'cpu-sp2': ulysses 2 x ring 1 x cfg 1\\)"):
-            load_stage(kind, tiny_wan_i2v, sp)
-
-
-@pytest.mark.pool
-def test_several_ranks_are_refused_by_the_pooled_denoiser(tiny_wan_i2v):
-    """The denoiser service on cpu-sp2 starts its worker pool, whose ranks refuse at start-up with the reason."""
-    from smart_diffusion_backend.parallel.worker_pool import WorkerPoolError
-    from smart_diffusion_backend.params import SystemParams
-
-    with pytest.raises(WorkerPoolError, match=f"start-up failed: ConfigError: .*{SEVERAL_RANKS}"):
-        DenoiserService(tiny_wan_i2v, SystemParams.load("cpu-sp2"))
+        assert load_stage(kind, tiny_wan_i2v, sp).image_to_video
 
 
 def test_warm_up_runs_on_zero_conditioning_and_requests_still_need_the_image(stages):

@@ -1,7 +1,7 @@
 """The denoiser's worker pool: one process per rank, each holding the family's DenoiserStage with a
 sequence-parallel transformer, running the same denoise loop in lockstep.
 
-Every rank gets the same job (embeddings, user params): noise comes from the seeded CPU generator, the
+Every rank gets the same job (embeddings, the request's image conditioning, user params): noise comes from the seeded CPU generator, the
 scheduler is built per request, so trajectories are identical on all ranks and rank 0's latents are
 the answer. Rank 0 reports progress to the request's step channel; a cancel heard there is raised as a
 pool-wide cancel flag, and all ranks stop together at the next step (a collective check).
@@ -29,6 +29,9 @@ from . import parallel_state as ps
 from .parallel_state import ParallelConfig
 from .transformer_sp import SPTransformerConfig, cfg_parallel, parallelize_transformer
 from .worker_pool import JobCancelledError, WorkerContext, WorkerPool, WorkerPoolError
+
+# The Embeddings fields that carry a request's image conditioning (docs/image-conditioning.md).
+CONDITIONING_FIELDS = ("image_latents", "mask_latents", "image_embeds")
 
 
 class DenoiseWorker:
@@ -64,9 +67,20 @@ class DenoiseWorker:
         return self.stage.lora_adapters
 
     def denoise(
-        self, prompt_embeds: np.ndarray, pooled: np.ndarray, params: UserParams, channel: str | None
+        self,
+        prompt_embeds: np.ndarray,
+        pooled: np.ndarray,
+        params: UserParams,
+        channel: str | None,
+        conditioning: dict[str, np.ndarray] | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        embeddings = Embeddings(torch.from_numpy(prompt_embeds), torch.from_numpy(pooled))
+        """`conditioning`: the request's image conditioning by Embeddings field (image_latents, mask_latents,
+        image_embeds; those the request has), handed to the stage as the one-process path does."""
+        embeddings = Embeddings(
+            torch.from_numpy(prompt_embeds),
+            torch.from_numpy(pooled),
+            **{name: torch.from_numpy(value) for name, value in (conditioning or {}).items()},
+        )
         reporter = StepReporter(channel) if channel and self.ctx.rank == 0 else None
 
         def on_step(step: int, total: int) -> None:
@@ -123,10 +137,22 @@ class PooledDenoiser:
     ) -> tuple[torch.Tensor, dict]:
         """-> (latents, cache stats) from rank 0; every rank took the same cache decisions."""
         check_selection(params.lora, self.lora_adapters)  # a bad name is the request's error, not a pool failure
+        # Every rank gets the image conditioning too (host memory, pickled through the pipes).
+        conditioning = {
+            name: value.detach().cpu().numpy()
+            for name in CONDITIONING_FIELDS
+            if (value := getattr(embeddings, name)) is not None
+        }
         try:
             return self.pool.execute(
                 "denoise",
-                (embeddings.prompt_embeds.cpu().numpy(), embeddings.pooled_prompt_embeds.cpu().numpy(), params, channel),
+                (
+                    embeddings.prompt_embeds.cpu().numpy(),
+                    embeddings.pooled_prompt_embeds.cpu().numpy(),
+                    params,
+                    channel,
+                    conditioning,
+                ),
                 cancel_check=cancel_check,
             )
         except JobCancelledError as exc:

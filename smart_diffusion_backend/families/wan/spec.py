@@ -31,13 +31,11 @@ def pipeline_index(weights: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read the pipeline class from {path}: {exc!r}") from exc
 
 
-def image_to_video(model: Any, system: Any = None) -> bool:
+def image_to_video(model: Any) -> bool:
     """Whether a ModelParams' weights are an image-to-video directory, its yaml checked against them: an I2V
     model accepts and requires INPUT_IMAGE (its first frame) and nothing that re-noises an image, and reads
     512 text tokens (diffusers' Wan attention splits the [image ; text] context 512 tokens from the end); a
-    text-to-video model takes no image. With `system` (SystemParams): an I2V model runs on one rank, as the
-    worker pool's jobs carry the text embeddings only, so every request would be refused. ConfigError at
-    load otherwise."""
+    text-to-video model takes no image. ConfigError at load otherwise."""
     index = pipeline_index(model.weights)
     cls = index["_class_name"]
     if cls not in IMAGE_TO_VIDEO_PIPELINES:
@@ -56,12 +54,6 @@ def image_to_video(model: Any, system: Any = None) -> bool:
     if read_config(model.weights, "transformer").get("added_kv_proj_dim") and model.max_sequence_length != TEXT_CONTEXT_LENGTH:
         problems.append(f"max_sequence_length must be {TEXT_CONTEXT_LENGTH} (its attention splits the image context "
                         f"from the text {TEXT_CONTEXT_LENGTH} tokens from the end), got {model.max_sequence_length}")
-    if system is not None and system.world_size > 1:
-        problems.append(
-            f"image-to-video is not supported yet by a denoiser running on several ranks (system {system.name!r}: "
-            f"ulysses {system.ulysses_degree} x ring {system.ring_degree} x cfg {system.cfg_degree}); serve it "
-            "with a one-rank system yaml"
-        )
     if problems:
         raise ConfigError(f"model {model.name!r} ({cls}): " + "; ".join(problems))
     return True

@@ -51,7 +51,7 @@ class WanTextEncoder(TextEncoderStage):
 
     def __init__(self, model, system):
         super().__init__(model, system)
-        self.image_to_video = image_to_video(model, system)
+        self.image_to_video = image_to_video(model)
         self.image_pipe: WanImageToVideoPipeline | None = None
         if self.image_to_video:
             # The whole pipeline but its transformers: encode_image and prepare_latents' image conditioning
@@ -133,7 +133,7 @@ class WanDenoiser(DenoiserStage):
     ):
         super().__init__(model, system)
         index = DiffusionPipeline.load_config(model.weights)  # model_index.json
-        self.image_to_video = image_to_video(model, system)  # the yaml checked against the weights first
+        self.image_to_video = image_to_video(model)  # the yaml checked against the weights first
         self.transformer = transformer or self._load_transformer("transformer")
         self.transformer.eval()
         # Wan2.2 A14B: a low-noise expert below boundary_ratio * num_train_timesteps.
