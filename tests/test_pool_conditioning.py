@@ -6,8 +6,8 @@ CFG-parallel 2.
 One pool of two ranks serves every case: each job sets the layout's process groups, loads the model into a
 DenoiseWorker (the pool's own rank code) and runs the request through its `denoise`. The job's arguments
 are the ones PooledDenoiser.denoise builds from the request's Embeddings, so the parent's packing of the
-conditioning and the ranks' unpacking are both the pool's code. Optionally, a real tritonserver on
-cpu-sp2 serves tiny-flux image-to-image and gives the one-rank server's image."""
+conditioning and the ranks' unpacking are both the pool's code. Last, a real tritonserver on cpu-sp2
+serves tiny-flux image-to-image and gives the one-rank image."""
 
 from __future__ import annotations
 
@@ -160,3 +160,35 @@ def test_kontext_without_its_reference_differs_in_the_pool(pool, models, cpu_sys
     text_only = dataclasses.replace(embeddings, image_latents=None)
     latents, _ = pooled_denoiser(pool, "tiny-flux-kontext", ULYSSES2).denoise(text_only, params, None)
     assert rel_l2(latents, expected) > 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# A real tritonserver whose denoiser is a 2-rank pool (cpu-sp2), serving tiny-flux image-to-image
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.server
+@pytest.mark.pool
+def test_served_img2img_on_two_ranks_is_the_one_rank_image(tiny_flux, tmp_path):
+    """The one-rank image is FluxImg2ImgPipeline's, bit for bit (tests/test_flux_conditioning.py serves it);
+    the pool's, within one uint8 level of it (as tests/test_pool_server.py for text-to-image)."""
+    from smart_diffusion_backend.repository import write_repository
+    from smart_diffusion_client import Request, SmartDiffusionClient
+
+    from .conftest import start_server, stop_server_and_check
+    from .test_flux_conditioning import conditioning_reference
+
+    case = dict(prompt=FLUX["prompt"], height=FLUX["height"], width=FLUX["width"], steps=FLUX["steps"],
+                guidance_scale=FLUX["guidance"], seed=FLUX["seed"])
+    write_repository(tmp_path / "repo", ["tiny-flux"], "cpu-sp2")
+    server, shm_before = start_server(tmp_path / "repo", tmp_path)
+    try:
+        with SmartDiffusionClient(server.http_url) as client:
+            result = client.infer(Request(**case, input_image=IMAGE, strength=0.6))
+    finally:
+        stop_server_and_check(server, shm_before)
+    assert result.stats["ranks"] == 2
+    reference = conditioning_reference(tiny_flux, **case, image=IMAGE, strength=0.6)
+    assert result.image.shape == reference.shape[1:]
+    diff = np.abs(result.image.astype(int) - reference[0].astype(int))
+    assert diff.max() <= 1, f"max |diff| {diff.max()} uint8 levels vs the one-rank image"
