@@ -241,34 +241,30 @@ def mapped_shm_regions(pids: set[int]) -> set[str]:
     return regions
 
 
-def rss_bytes(pids: set[int]) -> dict[int, int]:
-    """Resident set size of each live process (from /proc/PID/status)."""
+def _proc_kib_field(pids: set[int], proc_file: str, field: str) -> dict[int, int]:
+    """A "<field>: <n> kB" line of /proc/PID/<proc_file>, in bytes, for each live process."""
     sizes = {}
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{pid}/{proc_file}").read_text().splitlines():
+                if line.startswith(field):
                     sizes[pid] = int(line.split()[1]) * 1024
                     break
         except OSError:
             continue
     return sizes
+
+
+def rss_bytes(pids: set[int]) -> dict[int, int]:
+    """Resident set size of each live process."""
+    return _proc_kib_field(pids, "status", "VmRSS:")
 
 
 def pss_bytes(pids: set[int]) -> dict[int, int]:
-    """Proportional set size of each live process (from /proc/PID/smaps_rollup): a page shared by n processes
-    counts 1/n in each, so the sum over a server's tree counts its shared memory regions once (their RSS
-    appears in tritonserver and in the stub alike)."""
-    sizes = {}
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    sizes[pid] = int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            continue
-    return sizes
+    """Proportional set size of each live process: a page shared by n processes counts 1/n in each, so the
+    sum over a server's tree counts its shared memory regions once (their RSS appears in tritonserver and in
+    the stub alike)."""
+    return _proc_kib_field(pids, "smaps_rollup", "Pss:")
 
 
 def process_cmdline(pid: int) -> str:

@@ -82,9 +82,31 @@ def _tiny_t5_config(tokenizer) -> dict:
     )
 
 
+def _tiny_vae16(scaling_factor: float, shift_factor: float):
+    """The tiny 16-channel AutoencoderKL (8x down, no quant convs) Flux and SD3 share; they differ in the
+    latent scaling and shift factors."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
 def build_tiny_flux(out_dir: str | Path, *, seed: int = 0) -> Path:
     """A ~0.4 M-parameter FluxPipeline with random weights (draws noise; fast enough for tests)."""
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -117,21 +139,7 @@ def build_tiny_flux(out_dir: str | Path, *, seed: int = 0) -> Path:
         )
     )
     t5 = T5EncoderModel(T5Config(**_tiny_t5_config(t5_tokenizer)))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = _tiny_vae16(scaling_factor=0.3611, shift_factor=0.1159)  # Flux's
     scheduler = flux_dev_scheduler()
     pipe = FluxPipeline(
         scheduler=scheduler,
@@ -267,7 +275,6 @@ def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0) -> Path:
     whose first block has SD3.5's dual attention and RMS QK-norm (the last block is context_pre_only), the
     16-channel AutoencoderKL with SD3's scaling and shift factors, and SD3.5's flow-matching scheduler."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -311,21 +318,7 @@ def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0) -> Path:
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=1.5305,  # SD3's
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = _tiny_vae16(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3.5's
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ...errors import ConfigError
-from ..spec import Family, Gather, SequencePlan, Split, WireDims, call_argument, read_config
+from ..flux.spec import FluxCachePoints
+from ..spec import Family, Gather, SequencePlan, Split, WireDims, read_config
 
 # StableDiffusion3Pipeline.check_inputs: T5 takes at most 512 tokens.
 MAX_T5_TOKENS = 512
@@ -45,31 +46,12 @@ def wire_dims(weights: Path) -> WireDims:
     )
 
 
-class SD3CachePoints:
-    """``transformer_blocks`` (JointTransformerBlock): ``(hidden_states, encoder_hidden_states, temb, ...)`` ->
-    ``(encoder_hidden_states, hidden_states)``; the cache keeps both streams. The last block is
-    ``context_pre_only`` and returns ``(None, hidden_states)``: the text stream ends there."""
-
-    @staticmethod
-    def inputs(args: tuple, kwargs: dict) -> tuple[Any, Any]:
-        return call_argument(args, kwargs, "hidden_states", 0), call_argument(args, kwargs, "encoder_hidden_states", 1)
-
-    @staticmethod
-    def outputs(output: Any) -> tuple[Any, Any]:
-        encoder_hidden_states, hidden_states = output
-        return hidden_states, encoder_hidden_states
-
-    @staticmethod
-    def pack(hidden_states: Any, encoder_hidden_states: Any) -> Any:
-        return encoder_hidden_states, hidden_states
-
-    @staticmethod
-    def modulated_input(block: Any, args: tuple, kwargs: dict) -> Any:
-        # TeaCache's metric input: the first block's AdaLayerNormZero (SD3.5 dual-attention blocks:
-        # SD35AdaLayerNormZeroX) output, the timestep-modulated image tokens.
-        hidden_states = call_argument(args, kwargs, "hidden_states", 0)
-        temb = call_argument(args, kwargs, "temb", 2)
-        return block.norm1(hidden_states, emb=temb)[0]
+class SD3CachePoints(FluxCachePoints):
+    """``transformer_blocks`` (JointTransformerBlock) have Flux's block signature: ``(hidden_states,
+    encoder_hidden_states, temb, ...)`` -> ``(encoder_hidden_states, hidden_states)``, so Flux's cache points
+    serve; the cache keeps both streams. The last block is ``context_pre_only`` and returns
+    ``(None, hidden_states)``: the text stream ends there. TeaCache's metric input is the first block's
+    AdaLayerNormZero output (SD3.5's dual-attention blocks: SD35AdaLayerNormZeroX), as in Flux."""
 
 
 def _tokens(arguments: Mapping[str, Any], config: Any) -> dict[str, int]:

@@ -14,9 +14,6 @@ each half of its GPUs. Skip-layer guidance, IP-Adapter and ``clip_skip`` are not
 
 from __future__ import annotations
 
-from typing import Callable
-
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
@@ -26,14 +23,13 @@ from ...cache import CacheConfig
 from ...errors import ParamError
 from ...params import UserParams
 from ..base import (
-    DecoderStage,
     DenoiserStage,
     Embeddings,
     StepCallback,
     TextEncoderStage,
     run_branches_sequentially,
-    to_uint8,
 )
+from ..flux.stages import FluxDecoder
 from .spec import FAMILY, t5_tokens, vae_scale_factor
 
 
@@ -221,26 +217,6 @@ class SD3Denoiser(DenoiserStage):
         return latents  # [N, C, H/8, W/8], VAE latent space (scaled and shifted)
 
 
-class SD3Decoder(DecoderStage):
-    def __init__(self, model, system):
-        super().__init__(model, system)
-        self.vae = self.load_vae(AutoencoderKL)
-
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        return self.decode_with(latents, None)
-
-    @torch.inference_mode()
-    def decode_with(self, latents: torch.Tensor, tiled_decode: Callable | None) -> np.ndarray:
-        """Decode; `tiled_decode(vae, z)` replaces the VAE's own decode when the latents span several tiles
-        (the parallel decode of a pool)."""
-        channels = self.vae.config.latent_channels
-        if latents.ndim != 4 or latents.shape[1] != channels:
-            raise ValueError(f"LATENTS: expected shape [N, {channels}, h, w], got {list(latents.shape)}")
-        latents = latents.to(self.device, self.dtype)
-        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        spans_tiles = max(latents.shape[-2:]) > self.vae.tile_latent_min_size
-        if tiled_decode is not None and spans_tiles:
-            image = tiled_decode(self.vae, latents)
-        else:
-            image = self.vae.decode(latents, return_dict=False)[0]
-        return to_uint8(image)  # [N, H, W, 3], rounded as VaeImageProcessor.postprocess(output_type="pil")
+class SD3Decoder(FluxDecoder):
+    """SD3's VAE decode is Flux's: the same 16-channel AutoencoderKL, undoing its scaling and shift factors
+    (read from the VAE's config), with the same tiled parallel decode in a pool."""
