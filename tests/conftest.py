@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.process
 import os
 import subprocess
@@ -28,15 +29,21 @@ def _workers_only_in_pool_tests(request, monkeypatch):
         monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
 
 
+def ensure_tiny_model(name: str):
+    """ModelParams of a tiny model (its yaml name); builds its weights with scripts/build_tiny_models.py, in a
+    process of its own, if they are missing."""
+    from smart_diffusion_backend.params import ModelParams
+
+    model = ModelParams.load(name)
+    if not (model.weights / "model_index.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_models.py"), name], check=True)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_flux():
     """ModelParams of the tiny Flux; builds its weights if they are missing."""
-    from smart_diffusion_backend.params import ModelParams
-
-    model = ModelParams.load("tiny-flux")
-    if not (model.weights / "model_index.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_models.py"), "tiny-flux"], check=True)
-    return model
+    return ensure_tiny_model("tiny-flux")
 
 
 @pytest.fixture(scope="session")
@@ -107,16 +114,23 @@ def stop_server_and_check(server, shm_before=None) -> None:
     assert not leaked, f"/dev/shm regions left after server exit: {sorted(leaked)}"
 
 
-@pytest.fixture(scope="session")
-def server(tiny_flux, tmp_path_factory):
-    """tiny-flux served by a real tritonserver (CPU), from a repository generated exactly as the committed
-    default one is; the tiny model keeps the bit-exactness tests fast."""
+@contextlib.contextmanager
+def serving(models: list[str], tmp: Path, system: str = "cpu", **kwargs):
+    """A real tritonserver serving `models` (yaml names or paths) under `system`, from a repository written in
+    `tmp`; stopped and checked for leftovers (stop_server_and_check) on exit. kwargs go to TritonServer."""
     from smart_diffusion_backend.repository import write_repository
 
-    tmp = tmp_path_factory.mktemp("server")
-    write_repository(tmp / "repo", ["tiny-flux"], "cpu")
-    srv, shm_before = start_server(tmp / "repo", tmp)
+    write_repository(tmp / "repo", models, system)
+    srv, shm_before = start_server(tmp / "repo", tmp, **kwargs)
     try:
         yield srv
     finally:
         stop_server_and_check(srv, shm_before)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_flux, tmp_path_factory):
+    """tiny-flux served by a real tritonserver (CPU), from a repository generated exactly as the committed
+    default one is; the tiny model keeps the bit-exactness tests fast."""
+    with serving(["tiny-flux"], tmp_path_factory.mktemp("server")) as srv:
+        yield srv

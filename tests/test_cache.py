@@ -26,6 +26,8 @@ from smart_diffusion_backend.families.base import Embeddings
 from smart_diffusion_backend.parallel import parallel_state as ps
 from smart_diffusion_backend.params import ModelParams, SystemParams, UserParams
 
+from .conftest import ensure_tiny_model
+
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 STEPS = 16
 # A model-yaml `cache:` section (test data; docs/cache.md proposes the real ones).
@@ -73,12 +75,6 @@ def wan_inputs(seed: int = 0, scale: float = 1.0):
     return latents, torch.randn(1, 8, 32, generator=g), torch.randn(1, 8, 32, generator=g)
 
 
-def ensure_tiny_wan_weights() -> None:
-    from .test_wan import ensure_tiny_wan
-
-    ensure_tiny_wan()
-
-
 def wan_denoiser(transformer):
     """The Wan family's denoiser stage running `transformer`; tiny-wan's directory gives the scheduler (the
     one wan_scheduler() builds) and the VAE scales."""
@@ -111,7 +107,7 @@ def run_flux(denoiser, embeddings, params, config):
 
 @pytest.fixture(scope="module")
 def wan():
-    ensure_tiny_wan_weights()
+    ensure_tiny_model("tiny-wan")
     return make_wan()
 
 
@@ -424,7 +420,7 @@ def pool():
     from smart_diffusion_backend.parallel.parallel_state import ParallelConfig
     from smart_diffusion_backend.parallel.worker_pool import WorkerPool
 
-    ensure_tiny_wan_weights()
+    ensure_tiny_model("tiny-wan")
     p = WorkerPool(2, _init_cache_rank, parallel=ParallelConfig(ulysses_degree=2), num_threads=1,
                    start_timeout_s=120, step_timeout_s=120, collective_timeout_s=60)
     p.start()

@@ -17,8 +17,8 @@ from smart_diffusion_backend.families.wan.attention import WanPluggableAttnProce
 from smart_diffusion_backend.params import SystemParams, parse_user_params
 from smart_diffusion_backend.service import load_stage
 
+from .conftest import ensure_tiny_model
 from .reference import rel_l2
-from .test_wan import ensure_tiny_wan
 
 
 def user_params(model, system, **values):
@@ -86,7 +86,7 @@ def test_triton_backend_reaches_the_one_rank_flux_denoiser(tiny_flux, cpu_system
 
 def test_compiled_wan_with_the_triton_backend_equals_eager(cpu_system, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    model = ensure_tiny_wan()
+    model = ensure_tiny_model("tiny-wan")
     embeddings = load_stage("text_encoder", model, cpu_system).encode("a cat", "")
     eager = load_stage("denoiser", model, cpu_system)
     system = dataclasses.replace(cpu_system, compile_transformer=True, attention_backend="triton")

@@ -19,10 +19,10 @@ from PIL import Image
 
 from smart_diffusion_backend.errors import ConfigError, ParamError
 from smart_diffusion_backend.families import load_stage
-from smart_diffusion_backend.params import ModelParams, UserParams
+from smart_diffusion_backend.params import UserParams
 from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
-from .conftest import start_server, stop_server_and_check
+from .conftest import ensure_tiny_model, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,13 +35,6 @@ MASK[20:60, 10:50] = 255  # 255 = repaint
 CASE = dict(prompt="a red circle on a blue background", height=64, width=96, steps=4, guidance_scale=3.5, seed=7)
 KONTEXT_CASE = dict(prompt="make the square blue", height=64, width=64, steps=3, guidance_scale=2.5, seed=11)
 
-
-def ensure_tiny_flux_kontext() -> ModelParams:
-    """ModelParams of the tiny Flux Kontext; builds its weights if they are missing."""
-    model = ModelParams.load("tiny-flux-kontext")
-    if not (model.weights / "model_index.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_models.py"), "tiny-flux-kontext"], check=True)
-    return model
 
 
 @functools.lru_cache(maxsize=4)
@@ -108,7 +101,7 @@ def stages(tiny_flux, cpu_system):
 
 @pytest.fixture(scope="module")
 def tiny_flux_kontext():
-    return ensure_tiny_flux_kontext()
+    return ensure_tiny_model("tiny-flux-kontext")
 
 
 @pytest.fixture(scope="module")
@@ -345,15 +338,8 @@ def test_cli_image_mask_strength_writes_the_png(server, inpaint_expected, tmp_pa
 
 @pytest.fixture(scope="module")
 def kontext_server(tiny_flux_kontext, tmp_path_factory):
-    from smart_diffusion_backend.repository import write_repository
-
-    tmp = tmp_path_factory.mktemp("kontext_server")
-    write_repository(tmp / "repo", ["tiny-flux-kontext"], "cpu")
-    srv, shm_before = start_server(tmp / "repo", tmp)
-    try:
+    with serving(["tiny-flux-kontext"], tmp_path_factory.mktemp("kontext_server")) as srv:
         yield srv
-    finally:
-        stop_server_and_check(srv, shm_before)
 
 
 @pytest.mark.server

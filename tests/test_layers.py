@@ -98,9 +98,9 @@ def test_torch_free_modules_do_not_import_torch():
 
 
 def test_family_specs_and_their_wire_shapes_need_no_torch(tiny_flux):
-    from .test_wan import ensure_tiny_wan
+    from .conftest import ensure_tiny_model
 
-    models = [tiny_flux.name, ensure_tiny_wan().name]
+    models = [tiny_flux.name, ensure_tiny_model("tiny-wan").name]
     code = (
         "import sys\n"
         "from smart_diffusion_backend.families import FOLDERS, family\n"

@@ -436,9 +436,7 @@ def lora_server(tiny_flux, flux_adapters, tmp_path):
     list of resident adapters must not see."""
     import yaml
 
-    from smart_diffusion_backend.repository import write_repository
-
-    from .conftest import start_server, stop_server_and_check
+    from .conftest import serving
 
     directory = tmp_path / "loras"
     shutil.copytree(flux_adapters, directory)
@@ -447,13 +445,9 @@ def lora_server(tiny_flux, flux_adapters, tmp_path):
     raw["accepts"] = list(dict.fromkeys(raw.get("accepts", []) + ["LORA", "LORA_SCALE"]))
     config = tmp_path / "tiny-flux-lora.yaml"
     config.write_text(yaml.safe_dump(raw))
-    write_repository(tmp_path / "repo", [str(config)], "cpu")
-    server, shm_before = start_server(tmp_path / "repo", tmp_path, model_control_mode="explicit", load_models=("*",))
-    server.lora_dir = directory
-    try:
+    with serving([str(config)], tmp_path, model_control_mode="explicit", load_models=("*",)) as server:
+        server.lora_dir = directory
         yield server
-    finally:
-        stop_server_and_check(server, shm_before)
 
 
 @pytest.mark.server

@@ -10,9 +10,9 @@ import pytest
 
 from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
-from .conftest import start_server, stop_server_and_check
+from .conftest import ensure_tiny_model, start_server, stop_server_and_check
 from .reference import flux_reference
-from .test_wan import ensure_tiny_wan, wan_reference
+from .test_wan import wan_reference
 
 pytestmark = pytest.mark.server
 
@@ -23,7 +23,7 @@ VIDEO = dict(prompt="a red circle moving right", height=64, width=64, num_frames
 
 @pytest.fixture(scope="module")
 def tiny_wan():
-    return ensure_tiny_wan()
+    return ensure_tiny_model("tiny-wan")
 
 
 @pytest.fixture(scope="module")

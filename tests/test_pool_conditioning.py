@@ -20,9 +20,8 @@ import torch
 from smart_diffusion_backend.families import Embeddings, load_stage
 from smart_diffusion_backend.params import ModelParams, SystemParams, UserParams
 
+from .conftest import ensure_tiny_model
 from .reference import rel_l2
-from .test_flux_conditioning import ensure_tiny_flux_kontext
-from .test_wan_i2v import ensure_tiny_wan_i2v
 
 TOL = 1e-5  # rel-L2 in float32, as the other pool tests (tests/test_sd3.py, tests/test_denoiser_options.py)
 
@@ -103,7 +102,7 @@ def pooled_denoiser(pool, model_name: str, layout: tuple[int, int, int]):
 
 @pytest.fixture(scope="module")
 def models(tiny_flux):
-    return {"tiny-flux": tiny_flux, "tiny-flux-kontext": ensure_tiny_flux_kontext(), "tiny-wan-i2v": ensure_tiny_wan_i2v()}
+    return {"tiny-flux": tiny_flux, "tiny-flux-kontext": ensure_tiny_model("tiny-flux-kontext"), "tiny-wan-i2v": ensure_tiny_model("tiny-wan-i2v")}
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from smart_diffusion_backend.families import family, load_stage
 from smart_diffusion_backend.params import ModelParams, SystemParams, UserParams
 from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
+from .conftest import ensure_tiny_model, serving
 from .reference import rel_l2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,13 +28,6 @@ CLIP_TOKENS = 77
 # A CFG request with an explicit negative prompt, served and compared with the pipeline.
 CASE = dict(prompt="a red circle", negative_prompt="blurry", height=64, width=80, steps=3, guidance_scale=4.5, seed=42)
 
-
-def ensure_tiny_sd3() -> ModelParams:
-    """ModelParams of the tiny SD3; builds its weights if they are missing."""
-    model = ModelParams.load("tiny-sd3")
-    if not (model.weights / "model_index.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_models.py"), "tiny-sd3"], check=True)
-    return model
 
 
 @functools.lru_cache(maxsize=2)
@@ -76,7 +68,7 @@ def sd3_reference(
 
 @pytest.fixture(scope="module")
 def tiny_sd3():
-    return ensure_tiny_sd3()
+    return ensure_tiny_model("tiny-sd3")
 
 
 @pytest.fixture(scope="module")
@@ -461,17 +453,8 @@ def test_sp_cache_ranks_take_one_decision_and_cfg_parallel_matches(sd3_pool, sta
 
 @pytest.fixture(scope="module")
 def sd3_server(tiny_sd3, tmp_path_factory):
-    from smart_diffusion_backend.repository import write_repository
-
-    from .conftest import start_server, stop_server_and_check
-
-    tmp = tmp_path_factory.mktemp("sd3_server")
-    write_repository(tmp / "repo", ["tiny-sd3"], "cpu")
-    srv, shm_before = start_server(tmp / "repo", tmp)
-    try:
+    with serving(["tiny-sd3"], tmp_path_factory.mktemp("sd3_server")) as srv:
         yield srv
-    finally:
-        stop_server_and_check(srv, shm_before)
 
 
 @pytest.fixture(scope="module")

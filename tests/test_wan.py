@@ -19,18 +19,13 @@ from smart_diffusion_backend.params import ModelParams, UserParams, parse_user_p
 from smart_diffusion_backend.service import DecoderService, TextEncoderService
 from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
+from .conftest import ensure_tiny_model, serving
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # A CFG request with WanPipeline's default (empty) negative prompt, as a default request sends it.
 CASE = dict(prompt="a red circle moving right", height=64, width=80, num_frames=9, steps=3, guidance_scale=5.0, seed=42)
 
-
-def ensure_tiny_wan() -> ModelParams:
-    """ModelParams of the tiny Wan; builds its weights if they are missing."""
-    model = ModelParams.load("tiny-wan")
-    if not (model.weights / "model_index.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_models.py"), "tiny-wan"], check=True)
-    return model
 
 
 @functools.lru_cache(maxsize=2)
@@ -73,7 +68,7 @@ def wan_reference(
 
 @pytest.fixture(scope="module")
 def tiny_wan():
-    return ensure_tiny_wan()
+    return ensure_tiny_model("tiny-wan")
 
 
 @pytest.fixture(scope="module")
@@ -238,17 +233,8 @@ def test_vae_tiling_error_is_bounded(tiny_wan, cpu_system, stages):
 
 @pytest.fixture(scope="module")
 def wan_server(tiny_wan, tmp_path_factory):
-    from smart_diffusion_backend.repository import write_repository
-
-    from .conftest import start_server, stop_server_and_check
-
-    tmp = tmp_path_factory.mktemp("wan_server")
-    write_repository(tmp / "repo", ["tiny-wan"], "cpu")
-    srv, shm_before = start_server(tmp / "repo", tmp)
-    try:
+    with serving(["tiny-wan"], tmp_path_factory.mktemp("wan_server")) as srv:
         yield srv
-    finally:
-        stop_server_and_check(srv, shm_before)
 
 
 def client_for(server, protocol: str) -> SmartDiffusionClient:

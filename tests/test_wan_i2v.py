@@ -23,7 +23,7 @@ from smart_diffusion_backend.params import ModelParams, UserParams, parse_user_p
 from smart_diffusion_backend.service import DecoderService, DenoiserService, TextEncoderService
 from smart_diffusion_client import GenerationError, Request, SmartDiffusionClient
 
-from .conftest import start_server, stop_server_and_check
+from .conftest import ensure_tiny_model, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,13 +34,6 @@ IMAGE[16:48, 8:40] = (220, 30, 30)
 # A CFG request, 5 frames (not the yaml's 9: the encoder must get NUM_FRAMES), 64 x 48.
 CASE = dict(prompt="a red circle moving right", height=64, width=48, num_frames=5, steps=3, guidance_scale=5.0, seed=42)
 
-
-def ensure_tiny_wan_i2v() -> ModelParams:
-    """ModelParams of the tiny Wan I2V; builds its weights if they are missing."""
-    model = ModelParams.load("tiny-wan-i2v")
-    if not (model.weights / "model_index.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_models.py"), "tiny-wan-i2v"], check=True)
-    return model
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,7 +75,7 @@ def i2v_reference(model: ModelParams, prompt: str, *, image: np.ndarray, negativ
 
 @pytest.fixture(scope="module")
 def tiny_wan_i2v():
-    return ensure_tiny_wan_i2v()
+    return ensure_tiny_model("tiny-wan-i2v")
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +183,7 @@ def test_load_checks_the_yaml_against_the_weights(tiny_wan_i2v, cpu_system, tmp_
     ):
         with pytest.raises(ConfigError, match=message):
             load_stage("denoiser", dataclasses.replace(tiny_wan_i2v, **change), cpu_system)
-    from .test_wan import ensure_tiny_wan
-
-    t2v = dataclasses.replace(ensure_tiny_wan(), accepts=("INPUT_IMAGE",))
+    t2v = dataclasses.replace(ensure_tiny_model("tiny-wan"), accepts=("INPUT_IMAGE",))
     with pytest.raises(ConfigError, match="a WanPipeline makes videos from text alone"):
         load_stage("text_encoder", t2v, cpu_system)
     yaml = (ROOT / "configs" / "models" / "tiny-wan-i2v.yaml").read_text()
@@ -228,15 +219,8 @@ def test_warm_up_runs_on_zero_conditioning_and_requests_still_need_the_image(sta
 
 @pytest.fixture(scope="module")
 def i2v_server(tiny_wan_i2v, tmp_path_factory):
-    from smart_diffusion_backend.repository import write_repository
-
-    tmp = tmp_path_factory.mktemp("wan_i2v_server")
-    write_repository(tmp / "repo", ["tiny-wan-i2v"], "cpu")
-    srv, shm_before = start_server(tmp / "repo", tmp)
-    try:
+    with serving(["tiny-wan-i2v"], tmp_path_factory.mktemp("wan_i2v_server")) as srv:
         yield srv
-    finally:
-        stop_server_and_check(srv, shm_before)
 
 
 @pytest.fixture(scope="module")
